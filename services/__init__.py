@@ -1,0 +1,1 @@
+"""Soma Mesh: hand-written services. Generated code lives in gen/python (package `soma`)."""

@@ -1,0 +1,68 @@
+"""NATS JetStream: one connection per process, streams declared idempotently.
+
+Publishing uses `Nats-Msg-Id` so that a retried publish is stored once (JetStream
+deduplicates within the stream's duplicate window); consumers must still be idempotent,
+because JetStream redelivers unacknowledged messages after a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import nats
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import StreamConfig
+from nats.js.errors import BadRequestError, NotFoundError
+
+from services.common.config import NatsConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Bus:
+    nc: Client
+    js: JetStreamContext
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+
+async def connect(config: NatsConfig, name: str) -> Bus:
+    async def on_disconnect() -> None:
+        log.warning("NATS disconnected; reconnecting")
+
+    async def on_reconnect() -> None:
+        log.info("NATS reconnected")
+
+    async def on_error(error: Exception) -> None:
+        log.warning("NATS error: %s", error)
+
+    nc = await nats.connect(
+        servers=list(config.servers),
+        name=name,
+        max_reconnect_attempts=-1,  # a restarted NATS must not leave a replica deaf forever
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+        error_cb=on_error,
+    )
+    return Bus(nc, nc.jetstream(timeout=5))
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    """Creates the stream, or updates it to `config` when it exists (e.g. new subjects)."""
+    try:
+        await js.stream_info(config.name or "")
+    except NotFoundError:
+        try:
+            await js.add_stream(config)
+            log.info("created stream %s", config.name)
+            return
+        except BadRequestError:
+            pass  # another replica created it first
+    await js.update_stream(config)

@@ -1,0 +1,142 @@
+"""The grpc.aio server every service runs: health, reflection, interceptors, graceful stop.
+
+`create_server` builds and starts a server on a port (0 = any free one) and returns it with the
+bound port, so tests can run a service in-process; `serve` is the process entry point: it adds
+logging, runs until SIGTERM/SIGINT, then drains (health NOT_SERVING first, so Envoy stops sending
+new calls, then in-flight calls get `grace_seconds` to finish).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer  # type: ignore[import-untyped]
+
+from services.common.config import Config, load_config
+from services.common.interceptors import build_interceptors
+from services.common.logs import configure_logging
+from services.common.reflection import enable_reflection
+
+log = logging.getLogger(__name__)
+
+HEALTH_SERVICE = "grpc.health.v1.Health"
+
+
+@dataclass
+class RunningServer:
+    server: aio.Server
+    port: int
+    health: HealthServicer
+    service_names: tuple[str, ...]
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def drain_and_stop(self, grace_seconds: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_seconds)
+
+
+Register = Callable[[aio.Server], None]
+
+
+async def create_server(
+    config: Config,
+    service_names: Sequence[str],
+    register: Register,
+    interceptors: Sequence[aio.ServerInterceptor] | None = None,
+) -> RunningServer:
+    """Builds, binds and starts a server; health starts NOT_SERVING until `set_serving(True)`."""
+    options = [
+        ("grpc.max_receive_message_length", config.server.max_message_bytes),
+        ("grpc.max_send_message_length", config.server.max_message_bytes),
+        # Envoy keeps long-lived HTTP/2 connections; let it ping idle ones.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+    server = aio.server(
+        interceptors=list(interceptors if interceptors is not None else build_interceptors()),
+        options=options,
+    )
+    register(server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    enable_reflection(server, [*service_names, HEALTH_SERVICE])
+    address = f"{config.server.host}:{config.server.port}"
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}: is the port in use?")
+    await server.start()
+    running = RunningServer(server, port, health, tuple(service_names))
+    await running.set_serving(False)
+    return running
+
+
+@dataclass
+class ServiceParts:
+    """What a service's `open` returns: its names, how to register it, how to close it."""
+
+    service_names: Sequence[str]
+    register: Register
+    close: Callable[[], Awaitable[None]]
+
+
+# open(config, draining) -> ServiceParts; `draining` is set when SIGTERM arrives, so that
+# long streams can end cleanly instead of being cut at the end of the grace period.
+Opener = Callable[[Config, asyncio.Event], Awaitable[ServiceParts]]
+
+
+async def _serve(config: Config, opener: Opener) -> None:
+    stop = asyncio.Event()
+    draining = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    parts = await opener(config, draining)
+    try:
+        running = await create_server(config, parts.service_names, parts.register)
+        await running.set_serving(True)
+        # Printed (not only logged) so a supervisor that asked for port 0 can read it.
+        print(f"SOMA_READY {config.service} {config.server.host}:{running.port}", flush=True)
+        log.info("%s serving on %s:%d", config.service, config.server.host, running.port)
+        await stop.wait()
+        log.info(
+            "draining: health NOT_SERVING, %.0fs grace for in-flight calls",
+            config.server.grace_seconds,
+        )
+        draining.set()
+        await running.drain_and_stop(config.server.grace_seconds)
+    finally:
+        with contextlib.suppress(Exception):
+            await parts.close()
+    log.info("stopped")
+
+
+def serve(service: str, opener: Opener) -> None:
+    """Process entry point of a service."""
+    config = load_config(service, os.environ)
+    configure_logging(config.log, service, config.server.replica)
+    log.info("starting %s with %s", service, config.server)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(config, opener))
+
+
+def unimplemented_note(method: str, issue: int) -> str:
+    return f"{method} is part of the contract but not implemented yet (issue #{issue})"
+
+
+__all__ = ["RunningServer", "ServiceParts", "create_server", "serve", "unimplemented_note"]

@@ -1,0 +1,55 @@
+"""Wires the Gateway together: database, NATS, servicer and background relays."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from grpc import aio
+from soma.gateway.v1 import gateway_pb2_grpc
+
+from services.common.config import Config, require_database
+from services.common.db import open_pool
+from services.common.events import connect
+from services.common.server import ServiceParts
+from services.gateway import queue
+from services.gateway.relay import Publisher, run_reply_ingester
+from services.gateway.servicer import GatewayServicer
+from services.gateway.store import MIGRATIONS, SessionStore
+
+SERVICE_NAME = "soma.gateway.v1.GatewayService"
+
+
+async def open_gateway(config: Config, draining: asyncio.Event) -> ServiceParts:
+    pool = await open_pool(require_database(config), "gateway", MIGRATIONS)
+    bus = await connect(config.nats, config.server.replica)
+    await queue.ensure_queue(bus.js, config.partitions)
+    store = SessionStore(pool)
+    publisher = Publisher(bus, store)
+    servicer = GatewayServicer(
+        store,
+        bus,
+        publisher,
+        config.partitions,
+        config.default_tenant,
+        config.server.replica,
+        draining,
+    )
+    tasks = [
+        asyncio.create_task(publisher.run_outbox(), name="outbox"),
+        asyncio.create_task(run_reply_ingester(bus, store, publisher), name="replies"),
+    ]
+
+    def register(server: aio.Server) -> None:
+        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server)
+
+    async def close() -> None:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await bus.close()
+        await pool.close()
+
+    return ServiceParts([SERVICE_NAME], register, close)
