@@ -16,6 +16,8 @@ from grpc_reflection.v1alpha import reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
 from grpc_reflection.v1alpha.reflection import SERVICE_NAME as REFLECTION_SERVICE
 
+from services.common.contract import load_contract
+
 
 class MethodAwareReflectionServicer(ReflectionServicer):
     def _file_containing_symbol(self, request: Any, fully_qualified_name: str) -> Any:
@@ -31,6 +33,7 @@ class MethodAwareReflectionServicer(ReflectionServicer):
 
 
 def enable_reflection(server: aio.Server, service_names: Iterable[str]) -> None:
+    load_contract()
     names = [*service_names, REFLECTION_SERVICE]
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
         MethodAwareReflectionServicer(names), server

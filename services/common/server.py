@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer  # type: ignore[import-untyped]
+from grpc_health.v1._async import HealthServicer
 
 from services.common.config import Config, load_config
 from services.common.interceptors import build_interceptors
@@ -46,8 +46,11 @@ class RunningServer:
         for name in ("", *self.service_names):
             await self.health.set(name, status)
 
-    async def drain_and_stop(self, grace_seconds: float) -> None:
+    async def drain_and_stop(self, grace_seconds: float, drain_delay: float = 0.0) -> None:
         await self.health.enter_graceful_shutdown()
+        # Keep accepting calls while load balancers notice NOT_SERVING, then stop taking new
+        # ones and give in-flight calls `grace_seconds`.
+        await asyncio.sleep(drain_delay)
         await self.server.stop(grace_seconds)
 
 
@@ -119,7 +122,9 @@ async def _serve(config: Config, opener: Opener) -> None:
             config.server.grace_seconds,
         )
         draining.set()
-        await running.drain_and_stop(config.server.grace_seconds)
+        await running.drain_and_stop(
+            config.server.grace_seconds, config.server.drain_delay_seconds
+        )
     finally:
         with contextlib.suppress(Exception):
             await parts.close()

@@ -9,13 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The four gRPC services, by short name -> fully qualified proto service name.
-SERVICES: dict[str, str] = {
-    "gateway": "soma.gateway.v1.GatewayService",
-    "keys": "soma.keys.v1.KeysService",
-    "audit": "soma.audit.v1.AuditService",
-    "capsule": "soma.capsule.v1.CapsuleService",
-}
+from services.common.contract import SERVICES
+
+__all__ = ["API_VERSION", "SERVICES", "Endpoint", "Topology"]
 
 API_VERSION = "v1"
 
