@@ -9,8 +9,9 @@
 Steps: (a) copy google/api + google/rpc .proto files from the installed googleapis-common-protos
 into the git-ignored third_party/googleapis (buf's second module; offline, nothing downloaded);
 (b) `buf lint`; (c) clear gen/python and gen/openapi, `buf generate` (local plugins, run with
-this interpreter); (d) `buf build proto -o gen/soma.binpb`: our files, their imports, source info
-(`--path proto` is refused in a v2 workspace; the module directory as input does the same).
+this interpreter); (d) `buf build --path proto/soma --path <google/rpc/error_details.proto>
+-o gen/soma.binpb`: our files, their imports, source info, plus the error detail types Envoy needs
+for REST error bodies.
 
 Breaking check: `buf breaking --against '.git#ref=...'` cannot work here, because the old commit
 has no third_party/ (it is git-ignored) and so its imports do not resolve. Instead proto/ of REF
@@ -38,6 +39,7 @@ WORKSPACE_FILES = ("buf.yaml", "buf.gen.yaml")
 WORKSPACE_DIRS = ("proto", "scripts")
 GENERATED_DIRS = ("gen/python", "gen/openapi")
 DESCRIPTOR_SET = "gen/soma.binpb"
+ERROR_DETAILS = "third_party/googleapis/google/rpc/error_details.proto"
 IGNORED = ("__pycache__", ".pyc")
 MAX_DIFF_LINES = 20
 
@@ -125,7 +127,11 @@ def generate(root: Path) -> None:
         files = [p for p in (root / rel).rglob("*") if p.is_file()]
         log(f"buf generate: {rel}/ ({len(files)} file{'s' if len(files) != 1 else ''})")
     (root / "gen").mkdir(exist_ok=True)
-    run(["buf", "build", "proto", "-o", DESCRIPTOR_SET], root, "buf build")
+    # error_details.proto is not imported by the contract, but Envoy's transcoder must know
+    # ErrorInfo/BadRequest/RetryInfo to turn `grpc-status-details-bin` into the JSON error body
+    # of REST callers (without it the body is empty).
+    paths = ["--path", "proto/soma", "--path", ERROR_DETAILS]
+    run(["buf", "build", *paths, "-o", DESCRIPTOR_SET], root, "buf build")
     log(f"buf build: {DESCRIPTOR_SET} ({(root / DESCRIPTOR_SET).stat().st_size} bytes)")
 
 

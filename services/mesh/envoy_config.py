@@ -653,44 +653,11 @@ def _local_reply_config() -> dict[str, Any]:
     return {"mappers": mappers}
 
 
-def _http_filters(
-    topology: Topology, services: Sequence[ServiceInfo], cfg: GatewayConfig
-) -> list[dict[str, Any]]:
-    api_version = _typed(
-        "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-        mutations={
-            "request_mutations": [{"remove": REST_MARKER_HEADER}, {"remove": NO_CLUSTER_HEADER}],
-            "response_mutations": [
-                {
-                    "append": {
-                        "header": {"key": API_VERSION_HEADER, "value": topology.api_version},
-                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                    }
-                }
-            ],
-        },
-    )
-    grpc_only = ("grpc-status", "grpc-message", "grpc-status-details-bin", "grpc-accept-encoding")
-    strip_grpc = [{"remove": h} for h in grpc_only]
-    rest_only = _typed(
+def _skipped_for_grpc(name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """`config` as a filter that is skipped when the request is gRPC or gRPC-Web."""
+    return _typed(
         "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
-        extension_config={
-            "name": "soma.rest_only",
-            "typed_config": _typed(
-                "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-                mutations={
-                    "request_mutations": [
-                        {
-                            "append": {
-                                "header": {"key": REST_MARKER_HEADER, "value": "1"},
-                                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                            }
-                        }
-                    ],
-                    "response_mutations": strip_grpc,
-                },
-            ),
-        },
+        extension_config={"name": name, "typed_config": config},
         xds_matcher={
             "matcher_list": {
                 "matchers": [
@@ -720,6 +687,55 @@ def _http_filters(
             }
         },
     )
+
+
+def _http_filters(
+    topology: Topology, services: Sequence[ServiceInfo], cfg: GatewayConfig
+) -> list[dict[str, Any]]:
+    api_version = _typed(
+        "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+        mutations={
+            "request_mutations": [{"remove": REST_MARKER_HEADER}, {"remove": NO_CLUSTER_HEADER}],
+            "response_mutations": [
+                {
+                    "append": {
+                        "header": {"key": API_VERSION_HEADER, "value": topology.api_version},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }
+                }
+            ],
+        },
+    )
+    grpc_only = ("grpc-status", "grpc-message", "grpc-status-details-bin", "grpc-accept-encoding")
+    strip_grpc = [{"remove": h} for h in grpc_only]
+    rest_only = _skipped_for_grpc(
+        "soma.rest_only",
+        _typed(
+            "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            mutations={
+                "request_mutations": [
+                    {
+                        "append": {
+                            "header": {"key": REST_MARKER_HEADER, "value": "1"},
+                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                        }
+                    }
+                ],
+                "response_mutations": strip_grpc,
+            },
+        ),
+    )
+    # The transcoder's own max_request_body_size only bounds what it buffers while converting
+    # JSON incrementally, so a 2 MiB JSON body streamed through untouched. The buffer filter
+    # bounds the whole REST body (413 -> JSON via local_reply_config); gRPC and gRPC-Web skip it,
+    # so client-streaming uploads are not buffered or limited here.
+    rest_body_limit = _skipped_for_grpc(
+        "soma.rest_body_limit",
+        _typed(
+            "envoy.extensions.filters.http.buffer.v3.Buffer",
+            max_request_bytes=cfg.limits.max_request_body_bytes,
+        ),
+    )
     transcoder = _typed(
         "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
         proto_descriptor=str(topology.descriptor_set.resolve()),
@@ -741,6 +757,7 @@ def _http_filters(
         # upstream replies, local replies of later filters, CORS preflights.
         {"name": "soma.api_version", "typed_config": api_version},
         {"name": "soma.rest_only", "typed_config": rest_only},
+        {"name": "soma.rest_body_limit", "typed_config": rest_body_limit},
         {
             "name": "envoy.filters.http.cors",
             "typed_config": _typed("envoy.extensions.filters.http.cors.v3.Cors"),
@@ -797,7 +814,9 @@ def render_envoy_config(
     for name in cluster_names:
         routes.append(
             _grpc_route(
-                {"prefix": f"/soma.{name}.v1."}, name, limits.request_timeout_s,
+                {"prefix": f"/soma.{name}.v1."},
+                name,
+                limits.request_timeout_s,
                 retry_policy=_retry_policy(limits, safe=True),
             )
         )

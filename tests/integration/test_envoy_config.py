@@ -30,7 +30,6 @@ from google.protobuf import timestamp_pb2
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from soma.gateway.v1 import gateway_pb2, gateway_pb2_grpc, resources_pb2
 
 from services.mesh.envoy_config import (
     GatewayConfig,
@@ -40,6 +39,7 @@ from services.mesh.envoy_config import (
     write_envoy_config,
 )
 from services.mesh.topology import Endpoint, Topology
+from soma.gateway.v1 import gateway_pb2, gateway_pb2_grpc, resources_pb2
 
 pytestmark = pytest.mark.integration
 
