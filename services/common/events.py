@@ -7,6 +7,8 @@ because JetStream redelivers unacknowledged messages after a crash.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -27,8 +29,13 @@ class Bus:
     js: JetStreamContext
 
     async def close(self) -> None:
+        # close(), not drain(): drain waits for pull subscriptions' internal queues, which a
+        # cancelled fetch never empties (it hung shutdown for 30 s). Every consumer here acks
+        # explicitly, so anything not acked is simply redelivered.
         if not self.nc.is_closed:
-            await self.nc.drain()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.flush(), 2.0)
+            await self.nc.close()
 
 
 async def connect(config: NatsConfig, name: str) -> Bus:

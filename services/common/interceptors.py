@@ -29,6 +29,7 @@ from services.common.logs import request_id_var
 log = logging.getLogger(__name__)
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+QUIET_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 UnaryBehavior = Callable[[Any, aio.ServicerContext], Awaitable[Any]]
 StreamBehavior = Callable[[Any, aio.ServicerContext], AsyncIterator[Any]]
@@ -81,7 +82,12 @@ class TelemetryInterceptor(aio.ServerInterceptor):
             code = context.code() or grpc.StatusCode.OK
             code_name = code.name if isinstance(code, grpc.StatusCode) else str(code)
             elapsed_ms = (time.perf_counter() - started) * 1000
-            level = logging.WARNING if code_name in {"INTERNAL", "UNKNOWN"} else logging.INFO
+            if code_name in {"INTERNAL", "UNKNOWN"}:
+                level = logging.WARNING
+            elif method.startswith(QUIET_PREFIXES):
+                level = logging.DEBUG  # probed every second by Envoy and the supervisor
+            else:
+                level = logging.INFO
             log.log(level, "%s %s %.1fms", method, code_name, elapsed_ms)
             request_id_var.reset(token)
 

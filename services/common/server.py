@@ -122,9 +122,7 @@ async def _serve(config: Config, opener: Opener) -> None:
             config.server.grace_seconds,
         )
         draining.set()
-        await running.drain_and_stop(
-            config.server.grace_seconds, config.server.drain_delay_seconds
-        )
+        await running.drain_and_stop(config.server.grace_seconds, config.server.drain_delay_seconds)
     finally:
         with contextlib.suppress(Exception):
             await parts.close()

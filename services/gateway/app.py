@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 
 from grpc import aio
-from soma.gateway.v1 import gateway_pb2_grpc
 
 from services.common.config import Config, require_database
 from services.common.db import open_pool
@@ -16,6 +15,7 @@ from services.gateway import queue
 from services.gateway.relay import Publisher, run_reply_ingester
 from services.gateway.servicer import GatewayServicer
 from services.gateway.store import MIGRATIONS, SessionStore
+from soma.gateway.v1 import gateway_pb2_grpc
 
 SERVICE_NAME = "soma.gateway.v1.GatewayService"
 

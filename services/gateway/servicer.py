@@ -12,8 +12,6 @@ from importlib import metadata
 import nats.errors
 from grpc import aio
 from nats.js.errors import NotFoundError
-from soma.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from soma.gateway.v1 import resources_pb2 as pb
 
 from services.common import paging
 from services.common.errors import InvalidArgument, OutOfRange
@@ -23,6 +21,8 @@ from services.gateway import queue
 from services.gateway.relay import Publisher
 from services.gateway.store import CLOSED, SessionStore
 from services.gateway.tools import DEFAULT_TOOL, TOOLS
+from soma.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from soma.gateway.v1 import resources_pb2 as pb
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import asyncpg
 from google.protobuf.timestamp_pb2 import Timestamp
-from soma.gateway.v1 import resources_pb2 as pb
 
 from services.common.errors import FailedPrecondition, NotFound
+from soma.gateway.v1 import resources_pb2 as pb
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 

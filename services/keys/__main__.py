@@ -1,9 +1,9 @@
 """`python -m services.keys`: the Keys service. Its contract (proto/soma/keys/v1) is complete;
 its implementation is issue #3, so until then every method answers UNIMPLEMENTED."""
 
-from soma.keys.v1 import keys_pb2_grpc
 from services.common.server import serve
 from services.common.unimplemented import unimplemented_opener
+from soma.keys.v1 import keys_pb2_grpc
 
 if __name__ == "__main__":
     serve(

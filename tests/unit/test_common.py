@@ -13,8 +13,12 @@ from services.common.names import check_request_id, parse_name
 
 def test_config_defaults_and_secrets_hidden() -> None:
     config = load_config(
-        "gateway", {"DATABASE_URL": "postgresql://u:hunter2@h/db", "VAULT_ADDR": "http://v",
-                    "VAULT_TOKEN": "s.secret"}
+        "gateway",
+        {
+            "DATABASE_URL": "postgresql://u:hunter2@h/db",
+            "VAULT_ADDR": "http://v",
+            "VAULT_TOKEN": "s.secret",
+        },
     )
     assert config.server.port == 50051
     assert config.partitions == 4

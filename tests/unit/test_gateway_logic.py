@@ -7,12 +7,12 @@ import uuid
 
 import pytest
 
-from soma.gateway.v1 import resources_pb2 as pb
 from services.common.errors import InvalidArgument
 from services.gateway import queue
 from services.gateway.servicer import MAX_CONTENT_BYTES, _validate_message, _validate_session
 from services.gateway.tools import TOOLS
 from services.gateway.worker import cache_key
+from soma.gateway.v1 import resources_pb2 as pb
 
 
 def test_partition_is_stable_and_spread() -> None:
@@ -65,7 +65,8 @@ def test_message_defaults_to_echo() -> None:
 def test_session_validation() -> None:
     _validate_session(pb.Session(display_name="ok", agent="reference", labels={"team": "a"}))
     with pytest.raises(InvalidArgument) as raised:
-        _validate_session(pb.Session(display_name="x" * 201, agent="Bad Agent",
-                                     labels={"Bad": "v"}))
+        _validate_session(
+            pb.Session(display_name="x" * 201, agent="Bad Agent", labels={"Bad": "v"})
+        )
     fields = [f for f, _ in raised.value.violations]
     assert fields == ["session.display_name", "session.agent", "session.labels['Bad']"]

@@ -12,13 +12,13 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from soma.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from soma.gateway.v1 import resources_pb2 as pb
 from services.common.config import load_config
 from services.common.errors import NotFound
 from services.common.interceptors import STATUS_DETAILS_KEY
 from services.common.server import RunningServer, create_server
 from services.common.unimplemented import unimplemented_servicer
+from soma.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from soma.gateway.v1 import resources_pb2 as pb
 
 NAME = "soma.gateway.v1.GatewayService"
 
@@ -43,7 +43,9 @@ class ToyGateway(gateway_pb2_grpc.GatewayServiceServicer):
 async def toy() -> AsyncIterator[tuple[RunningServer, grpc.aio.Channel]]:
     config = load_config("gateway", {"SOMA_PORT": "0"})
     running = await create_server(
-        config, [NAME], lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(ToyGateway(), s)
+        config,
+        [NAME],
+        lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(ToyGateway(), s),
     )
     await running.set_serving(True)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
@@ -68,8 +70,9 @@ async def test_bug_becomes_internal_without_internals(toy) -> None:  # type: ign
     _, channel = toy
     stub = gateway_pb2_grpc.GatewayServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await stub.GetVersion(gateway_pb2.GetVersionRequest(),
-                              metadata=(("x-request-id", "req-123"),))
+        await stub.GetVersion(
+            gateway_pb2.GetVersionRequest(), metadata=(("x-request-id", "req-123"),)
+        )
     assert raised.value.code() == grpc.StatusCode.INTERNAL
     assert "req-123" in raised.value.details()
     assert "secret" not in raised.value.details()
@@ -98,7 +101,7 @@ async def test_health_and_reflection_of_method_symbols(toy) -> None:  # type: ig
         call = reflection.ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)])
         )
-        return [r async for r in call][0]
+        return await anext(aiter(call))
 
     for symbol in (NAME, f"{NAME}.GetSession"):
         answer = await ask(symbol)
@@ -118,8 +121,11 @@ async def test_drain_finishes_in_flight_calls(toy) -> None:  # type: ignore[no-u
 async def test_unimplemented_names_method_and_issue() -> None:
     config = load_config("gateway", {"SOMA_PORT": "0"})
     running = await create_server(
-        config, [NAME], lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
-            unimplemented_servicer(NAME, 99), s)
+        config,
+        [NAME],
+        lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
+            unimplemented_servicer(NAME, 99), s
+        ),
     )
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
