@@ -9,7 +9,7 @@ Secrets are `repr=False` so a logged config never shows them.
 | SOMA_PORT            | per service (50051...)  | gRPC port; 0 picks a free one             |
 | SOMA_REPLICA         | <service>-0             | replica name in logs and health answers   |
 | SOMA_GRACE_SECONDS   | 10                      | drain time for in-flight calls on SIGTERM |
-| SOMA_DRAIN_DELAY_SECONDS | 1                   | NOT_SERVING, still accepting, before stop |
+| SOMA_DRAIN_DELAY_SECONDS | 3                   | NOT_SERVING, still accepting, before stop |
 | SOMA_MAX_MESSAGE_MB  | 4                       | largest gRPC message accepted             |
 | SOMA_LOG_LEVEL       | INFO                    | DEBUG, INFO, WARNING, ERROR               |
 | SOMA_LOG_FORMAT      | text                    | text or json (one JSON object per line)   |
@@ -123,7 +123,7 @@ def load_config(service: str, env: Mapping[str, str]) -> Config:
             port=_int(env, "SOMA_PORT", DEFAULT_PORTS.get(service, 0)),
             replica=env.get("SOMA_REPLICA", f"{service}-0"),
             grace_seconds=_float(env, "SOMA_GRACE_SECONDS", 10.0),
-            drain_delay_seconds=_float(env, "SOMA_DRAIN_DELAY_SECONDS", 1.0),
+            drain_delay_seconds=_float(env, "SOMA_DRAIN_DELAY_SECONDS", 3.0),
             max_message_bytes=_int(env, "SOMA_MAX_MESSAGE_MB", 4, minimum=1) * 1024 * 1024,
         ),
         log=LogConfig(level=level, json=log_format == "json"),

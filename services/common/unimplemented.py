@@ -8,7 +8,7 @@ honest answer, not a stub pretending to succeed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -23,17 +23,24 @@ def unimplemented_servicer(full_name: str, issue: int) -> Any:
     """An object with one async method per RPC of `full_name`, each aborting UNIMPLEMENTED."""
     service = descriptor_pool.Default().FindServiceByName(full_name)
 
-    def make(method: str) -> Callable[..., Any]:
-        async def handler(request: Any, context: aio.ServicerContext) -> Any:
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"{full_name}/{method} is part of the v1 contract but not implemented yet "
-                f"(issue #{issue})",
-            )
+    def make(method: str, server_streaming: bool) -> Callable[..., Any]:
+        message = (
+            f"{full_name}/{method} is part of the v1 contract but not implemented yet "
+            f"(issue #{issue})"
+        )
 
-        return handler
+        async def unary(request: Any, context: aio.ServicerContext) -> Any:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
 
-    methods = {m.name: staticmethod(make(m.name)) for m in service.methods}
+        async def streaming(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            # A server-streaming handler must be an async generator, even one that yields
+            # nothing, or the call fails with INTERNAL instead of UNIMPLEMENTED.
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+            yield  # pragma: no cover - unreachable, makes this an async generator
+
+        return streaming if server_streaming else unary
+
+    methods = {m.name: staticmethod(make(m.name, m.server_streaming)) for m in service.methods}
     return type(f"Unimplemented{service.name}", (), methods)()
 
 

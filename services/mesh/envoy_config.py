@@ -127,14 +127,14 @@ class LimitsConfig:
     request_headers_timeout_s: float = 10.0
     connect_timeout_s: float = 1.0
     max_request_body_bytes: int = 1 << 20
-    retry_on: str = "unavailable,reset,connect-failure"
+    retry_on: str = "unavailable,cancelled,reset,connect-failure"
     # Conditions where the request provably never reached a replica's handler, so even a
     # mutation may go to another replica (e.g. one that is draining closed its listener).
     safe_retry_on: str = "connect-failure,refused-stream,reset-before-request"
     num_retries: int = 2
     per_try_timeout_s: float = 5.0
-    hc_interval_s: float = 2.0
-    hc_no_traffic_interval_s: float = 2.0
+    hc_interval_s: float = 1.0
+    hc_no_traffic_interval_s: float = 1.0
     hc_timeout_s: float = 1.0
     hc_unhealthy_threshold: int = 2
     hc_healthy_threshold: int = 1

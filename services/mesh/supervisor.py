@@ -33,6 +33,8 @@ from services.mesh.topology import Endpoint, Topology
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_DRAIN_DELAY_SECONDS = 3.0  # services.common.config's default
+
 LOOPBACK = "127.0.0.1"  # every internal part binds here; only Envoy's listener follows --host
 
 
@@ -354,7 +356,11 @@ class Mesh:
     def _python_part(
         self, name: str, kind: str, module: str, port: int, env: Mapping[str, str]
     ) -> ManagedProcess:
-        grace = float(env.get("SOMA_GRACE_SECONDS", self.options.grace_seconds))
+        # A replica first stays NOT_SERVING for its drain delay (so Envoy moves away), then
+        # drains in-flight calls for its grace period: wait for both before killing it.
+        grace = float(env.get("SOMA_GRACE_SECONDS", self.options.grace_seconds)) + float(
+            env.get("SOMA_DRAIN_DELAY_SECONDS", DEFAULT_DRAIN_DELAY_SECONDS)
+        )
         spec = pyparts.spec(
             name=name,
             kind=kind,

@@ -97,3 +97,26 @@ def test_envoy_admin_sees_healthy_replicas(mesh: MeshRunner) -> None:
             assert host["health_status"]["eds_health_status"] == "HEALTHY", (service, host)
             assert not host["health_status"].get("failed_active_health_check"), (service, host)
     assert http_request(mesh.admin_port, "GET", "/ready").status == 200
+
+
+async def test_reflection_through_envoy_resolves_method_symbols(channel) -> None:  # type: ignore[no-untyped-def]
+    """What ghz does without --protoset: ask reflection, through Envoy, for the method symbol."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    expected = {  # symbol asked -> the service its file must define
+        "soma.gateway.v1.GatewayService.GetSession": "GatewayService",
+        "soma.keys.v1.KeysService.GetApiKey": "KeysService",
+        "soma.capsule.v1.CapsuleService": "CapsuleService",
+        "grpc.health.v1.Health.Check": "Health",
+    }
+    requests = [reflection_pb2.ServerReflectionRequest(file_containing_symbol=s) for s in expected]
+    answers = [a async for a in stub.ServerReflectionInfo(iter(requests))]
+    assert len(answers) == len(expected)
+    for (symbol, service), answer in zip(expected.items(), answers, strict=True):
+        assert answer.HasField("file_descriptor_response"), (symbol, answer.error_response)
+        files = [
+            descriptor_pb2.FileDescriptorProto.FromString(raw)
+            for raw in answer.file_descriptor_response.file_descriptor_proto
+        ]
+        assert any(service in [s.name for s in f.service] for f in files), symbol

@@ -298,6 +298,12 @@ async def test_message_limits(channel) -> None:  # type: ignore[no-untyped-def]
             "ListAuditEventsRequest",
         ),
         (
+            "soma.audit.v1.audit_pb2",
+            "soma.audit.v1.AuditService",
+            "TailAuditEvents",
+            "TailAuditEventsRequest",
+        ),
+        (
             "soma.capsule.v1.capsule_pb2",
             "soma.capsule.v1.CapsuleService",
             "ListCapsules",
@@ -310,13 +316,24 @@ async def test_later_services_answer_unimplemented(
 ) -> None:  # type: ignore[no-untyped-def]
     import importlib
 
-    request = getattr(importlib.import_module(module), request_type)()
-    call = channel.unary_unary(
+    pb2 = importlib.import_module(module)
+    request = getattr(pb2, request_type)()
+    streaming = (
+        pb2.DESCRIPTOR.services_by_name[service.rsplit(".", 1)[1]]
+        .methods_by_name[method]
+        .server_streaming
+    )
+    make = channel.unary_stream if streaming else channel.unary_unary
+    call = make(
         f"/{service}/{method}",
         request_serializer=lambda m: m.SerializeToString(),
         response_deserializer=lambda b: b,
     )
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await call(request)
+        if streaming:
+            async for _ in call(request):
+                pass
+        else:
+            await call(request)
     assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert method in raised.value.details() and "issue #" in raised.value.details()

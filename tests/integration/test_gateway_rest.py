@@ -165,3 +165,13 @@ def test_session_lifecycle_over_grpc_web(mesh: MeshRunner) -> None:
         g.GetSessionRequest(name=f"sessions/{uuid.UUID(int=3)}").SerializeToString(),
     )
     assert status == 200 and trailers["grpc-status"] == "5"
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/keys", "/v1/auditEvents:tail", "/v1/auditEvents:export", "/v1/capsules"]
+)
+def test_later_services_answer_501_over_rest(mesh: MeshRunner, path: str) -> None:
+    resp = rest(mesh, "GET", path)
+    assert resp.status == 501, resp.body
+    error = resp.json()
+    assert error["code"] == 12 and "not implemented yet (issue #" in error["message"]

@@ -211,7 +211,7 @@ def test_routes_by_service_prefix_streams_and_reads(tmp_path: Path) -> None:
     assert "per_try_timeout" not in stream["retry_policy"]  # a stream must not be cut
     read = first_route(config, f"{gw}/GetSession")["route"]
     assert read["timeout"] == "15s"
-    assert read["retry_policy"]["retry_on"] == "unavailable,reset,connect-failure"
+    assert read["retry_policy"]["retry_on"] == "unavailable,cancelled,reset,connect-failure"
     write = first_route(config, f"{gw}/CreateSession")["route"]
     assert write["timeout"] == "15s"
     assert write["retry_policy"]["retry_on"] == safe  # mutations: only never-delivered retries
@@ -244,7 +244,7 @@ def test_clusters(tmp_path: Path) -> None:
     assert "http2_protocol_options" in json.dumps(options)
     check = gateway["health_checks"][0]
     assert check["grpc_health_check"] == {"service_name": "soma.gateway.v1.GatewayService"}
-    assert check["no_traffic_interval"] == "2s"
+    assert check["no_traffic_interval"] == "1s"
     assert gateway["common_lb_config"]["healthy_panic_threshold"] == {"value": 0}
     assert gateway["outlier_detection"]["consecutive_gateway_failure"] == 3
     assert gateway["outlier_detection"]["enforcing_consecutive_gateway_failure"] == 100

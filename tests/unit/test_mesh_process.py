@@ -75,11 +75,16 @@ async def test_start_restart_and_stop_leave_no_process(tmp_path: Path) -> None:
         assert proc.state.status == "healthy"
         first = proc.pid
         assert first is not None
+        pid_file = tmp_path / "grandchild.pid"
+        await _wait(lambda: pid_file.exists() and pid_file.read_text() != "")
+        first_grandchild = pid_file.read_text()
         os.kill(first, signal.SIGKILL)
         await _wait(lambda: proc.state.restarts == 1 and proc.state.status == "healthy")
         assert proc.pid not in (None, first)
         assert proc.state.last_exit_code == -signal.SIGKILL
-        grandchild = int((tmp_path / "grandchild.pid").read_text())
+        # The probe can pass before the new child wrote its grandchild's pid: wait for it.
+        await _wait(lambda: pid_file.read_text() not in ("", first_grandchild))
+        grandchild = int(pid_file.read_text())
         assert _alive(grandchild)
     finally:
         await proc.stop()
