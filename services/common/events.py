@@ -27,11 +27,13 @@ log = logging.getLogger(__name__)
 class Bus:
     nc: Client
     js: JetStreamContext
+    closing: bool = False
 
     async def close(self) -> None:
         # close(), not drain(): drain waits for pull subscriptions' internal queues, which a
         # cancelled fetch never empties (it hung shutdown for 30 s). Every consumer here acks
         # explicitly, so anything not acked is simply redelivered.
+        self.closing = True
         if not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.flush(), 2.0)
@@ -39,8 +41,11 @@ class Bus:
 
 
 async def connect(config: NatsConfig, name: str) -> Bus:
+    bus: Bus | None = None
+
     async def on_disconnect() -> None:
-        log.warning("NATS disconnected; reconnecting")
+        if bus is None or not bus.closing:
+            log.warning("NATS disconnected; reconnecting")
 
     async def on_reconnect() -> None:
         log.info("NATS reconnected")
@@ -58,7 +63,8 @@ async def connect(config: NatsConfig, name: str) -> Bus:
         reconnected_cb=on_reconnect,
         error_cb=on_error,
     )
-    return Bus(nc, nc.jetstream(timeout=5))
+    bus = Bus(nc, nc.jetstream(timeout=5))
+    return bus
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
