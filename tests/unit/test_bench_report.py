@@ -16,6 +16,7 @@ from bench.h2load import (
     LogEntry,
     build_command,
     grpc_frame,
+    merge_summaries,
     missing_bodies,
     parse_log,
     parse_output,
@@ -145,6 +146,17 @@ def test_missing_bodies_counts_whole_bodies_only() -> None:
     assert missing_bodies(s, 226000 // 1994) == 0  # 113 * 1994 = 225322 <= 226000
     # Each good response is 120 bytes: 1994 * 120 = 239280, short by 13280 = 110.67 bodies.
     assert missing_bodies(s, 120) == 110
+
+
+def test_merge_summaries_pools_rounds() -> None:
+    one = make_summary()
+    two = make_summary(H2LOAD_OUTPUT.replace("629.24ms", "1.5s"))
+    merged = merge_summaries([one, two])
+    assert merged.elapsed_s == pytest.approx(0.62924 + 1.5)
+    assert merged.done == 4000 and merged.status_2xx == 3988 and merged.data_bytes == 452000
+    assert merged.rps == pytest.approx(4000 / (0.62924 + 1.5))
+    with pytest.raises(ValueError):
+        merge_summaries([])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Load benchmarks of Soma Mesh: h2load runner (run.py), ghz scenarios (scenarios/)."""
