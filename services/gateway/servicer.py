@@ -136,6 +136,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def ListSessions(
         self, request: gateway_pb2.ListSessionsRequest, context: aio.ServicerContext
     ) -> gateway_pb2.ListSessionsResponse:
+        if request.state not in pb.SessionState.values():
+            raise InvalidArgument(
+                f"state {request.state} is not a SessionState; use SESSION_STATE_ACTIVE or "
+                "SESSION_STATE_CLOSED, or leave it unset for all",
+                field="state",
+            )
         limit = paging.page_size(request.page_size)
         query = {"method": "ListSessions", "state": int(request.state)}
         position = paging.decode_token(request.page_token, query)

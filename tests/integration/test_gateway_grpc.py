@@ -198,6 +198,22 @@ async def test_list_sessions_pages(channel) -> None:  # type: ignore[no-untyped-
     assert names.index(created[4]) < names.index(created[0])  # newest first
     assert len(names) == len(set(names)) and set(created) <= set(names)
 
+    await gw.CloseSession(g.CloseSessionRequest(name=created[2]))
+    closed = await gw.ListSessions(
+        g.ListSessionsRequest(state=pb.SESSION_STATE_CLOSED, page_size=500)
+    )
+    assert created[2] in [s.name for s in closed.sessions]
+    assert all(s.state == pb.SESSION_STATE_CLOSED for s in closed.sessions)
+    # A token only continues the query it came from.
+    first = await gw.ListSessions(g.ListSessionsRequest(page_size=1))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await gw.ListSessions(
+            g.ListSessionsRequest(
+                page_size=1, page_token=first.next_page_token, state=pb.SESSION_STATE_ACTIVE
+            )
+        )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
 
 def _error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
     raw = dict(error.trailing_metadata() or ())["grpc-status-details-bin"]
@@ -248,6 +264,12 @@ def _error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
             g.ListSessionsRequest(page_size=-1),
             grpc.StatusCode.INVALID_ARGUMENT,
             "negative",
+        ),
+        (
+            "ListSessions",
+            g.ListSessionsRequest(state=7),  # type: ignore[arg-type]
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "not a SessionState",
         ),
         (
             "ListSessions",
