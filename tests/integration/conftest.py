@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,9 +19,14 @@ def mesh() -> Iterator[MeshRunner]:
     # Not under /root: pgserver makes every parent of its data dir readable (see STACK.md).
     base = Path(tempfile.mkdtemp(prefix="soma-it-", dir="/tmp"))
     runner = MeshRunner(base / "data")
-    runner.start()
-    yield runner
-    runner.stop()
+    try:
+        runner.start()
+        yield runner
+    finally:
+        runner.stop()
+        # Logs of a failed run are worth keeping: SOMA_KEEP_TEST_DATA=1 keeps everything.
+        if not os.environ.get("SOMA_KEEP_TEST_DATA"):
+            shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
