@@ -25,10 +25,11 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
+from soma.api.v1 import annotations_pb2 as soma_dot_api_dot_v1_dot_annotations__pb2
 from soma.gateway.v1 import resources_pb2 as soma_dot_gateway_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsoma/gateway/v1/gateway.proto\x12\x0fsoma.gateway.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fsoma/gateway/v1/resources.proto\"u\n\x14\x43reateSessionRequest\x12\x38\n\x07session\x18\x01 \x01(\x0b\x32\x18.soma.gateway.v1.SessionB\x04\xe2\x41\x01\x02R\x07session\x12#\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\trequestId\"J\n\x11GetSessionRequest\x12\x35\n\x04name\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18gateway.soma.dev/SessionR\x04name\"\x98\x01\n\x13ListSessionsRequest\x12!\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01R\x08pageSize\x12#\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\tpageToken\x12\x39\n\x05state\x18\x03 \x01(\x0e\x32\x1d.soma.gateway.v1.SessionStateB\x04\xe2\x41\x01\x01R\x05state\"t\n\x14ListSessionsResponse\x12\x34\n\x08sessions\x18\x01 \x03(\x0b\x32\x18.soma.gateway.v1.SessionR\x08sessions\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"q\n\x13\x43loseSessionRequest\x12\x35\n\x04name\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18gateway.soma.dev/SessionR\x04name\x12#\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\trequestId\"\xae\x01\n\x12SendMessageRequest\x12\x39\n\x06parent\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18gateway.soma.dev/SessionR\x06parent\x12\x38\n\x07message\x18\x02 \x01(\x0b\x32\x18.soma.gateway.v1.MessageB\x04\xe2\x41\x01\x02R\x07message\x12#\n\nrequest_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\trequestId\"\x98\x01\n\x13ListMessagesRequest\x12\x39\n\x06parent\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18gateway.soma.dev/SessionR\x06parent\x12!\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01R\x08pageSize\x12#\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\tpageToken\"t\n\x14ListMessagesResponse\x12\x34\n\x08messages\x18\x01 \x03(\x0b\x32\x18.soma.gateway.v1.MessageR\x08messages\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xb6\x01\n\x1aStreamSessionEventsRequest\x12;\n\x07session\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18gateway.soma.dev/SessionR\x07session\x12+\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x01R\rafterSequence\x12.\n\x10stop_when_closed\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x01R\x0estopWhenClosed\"\x16\n\x14GetQueueStatsRequest\"\x12\n\x10GetHealthRequest\"\x13\n\x11GetVersionRequest2\xa2\t\n\x0eGatewayService\x12o\n\rCreateSession\x12%.soma.gateway.v1.CreateSessionRequest\x1a\x18.soma.gateway.v1.Session\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x0c/v1/sessions:\x07session\x12i\n\nGetSession\x12\".soma.gateway.v1.GetSessionRequest\x1a\x18.soma.gateway.v1.Session\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/{name=sessions/*}\x12q\n\x0cListSessions\x12$.soma.gateway.v1.ListSessionsRequest\x1a%.soma.gateway.v1.ListSessionsResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/sessions\x12v\n\x0c\x43loseSession\x12$.soma.gateway.v1.CloseSessionRequest\x1a\x18.soma.gateway.v1.Session\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/{name=sessions/*}:close:\x01*\x12\x7f\n\x0bSendMessage\x12#.soma.gateway.v1.SendMessageRequest\x1a\x18.soma.gateway.v1.Message\"1\x82\xd3\xe4\x93\x02+\" /v1/{parent=sessions/*}/messages:\x07message\x12\x85\x01\n\x0cListMessages\x12$.soma.gateway.v1.ListMessagesRequest\x1a%.soma.gateway.v1.ListMessagesResponse\"(\x82\xd3\xe4\x93\x02\"\x12 /v1/{parent=sessions/*}/messages\x12\x93\x01\n\x13StreamSessionEvents\x12+.soma.gateway.v1.StreamSessionEventsRequest\x1a\x1d.soma.gateway.v1.SessionEvent\".\x82\xd3\xe4\x93\x02(\x12&/v1/{session=sessions/*}/events:stream0\x01\x12l\n\rGetQueueStats\x12%.soma.gateway.v1.GetQueueStatsRequest\x1a\x1b.soma.gateway.v1.QueueStats\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/queue/stats\x12[\n\tGetHealth\x12!.soma.gateway.v1.GetHealthRequest\x1a\x17.soma.gateway.v1.Health\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/health\x12_\n\nGetVersion\x12\".soma.gateway.v1.GetVersionRequest\x1a\x18.soma.gateway.v1.Version\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/v1/versionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsoma/gateway/v1/gateway.proto\x12\x0fsoma.gateway.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1dsoma/api/v1/annotations.proto\x1a\x1fsoma/gateway/v1/resources.proto\"u\n\x14\x43reateSessionRequest\x12\x38\n\x07session\x18\x01 \x01(\x0b\x32\x18.soma.gateway.v1.SessionB\x04\xe2\x41\x01\x02R\x07session\x12#\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\trequestId\"J\n\x11GetSessionRequest\x12\x35\n\x04name\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18gateway.soma.dev/SessionR\x04name\"\x98\x01\n\x13ListSessionsRequest\x12!\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01R\x08pageSize\x12#\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\tpageToken\x12\x39\n\x05state\x18\x03 \x01(\x0e\x32\x1d.soma.gateway.v1.SessionStateB\x04\xe2\x41\x01\x01R\x05state\"t\n\x14ListSessionsResponse\x12\x34\n\x08sessions\x18\x01 \x03(\x0b\x32\x18.soma.gateway.v1.SessionR\x08sessions\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"q\n\x13\x43loseSessionRequest\x12\x35\n\x04name\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18gateway.soma.dev/SessionR\x04name\x12#\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\trequestId\"\xae\x01\n\x12SendMessageRequest\x12\x39\n\x06parent\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18gateway.soma.dev/SessionR\x06parent\x12\x38\n\x07message\x18\x02 \x01(\x0b\x32\x18.soma.gateway.v1.MessageB\x04\xe2\x41\x01\x02R\x07message\x12#\n\nrequest_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\trequestId\"\x98\x01\n\x13ListMessagesRequest\x12\x39\n\x06parent\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18gateway.soma.dev/SessionR\x06parent\x12!\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01R\x08pageSize\x12#\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\tpageToken\"t\n\x14ListMessagesResponse\x12\x34\n\x08messages\x18\x01 \x03(\x0b\x32\x18.soma.gateway.v1.MessageR\x08messages\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xb6\x01\n\x1aStreamSessionEventsRequest\x12;\n\x07session\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18gateway.soma.dev/SessionR\x07session\x12+\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x01R\rafterSequence\x12.\n\x10stop_when_closed\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x01R\x0estopWhenClosed\"\x16\n\x14GetQueueStatsRequest\"\x12\n\x10GetHealthRequest\"\x13\n\x11GetVersionRequest2\xae\t\n\x0eGatewayService\x12o\n\rCreateSession\x12%.soma.gateway.v1.CreateSessionRequest\x1a\x18.soma.gateway.v1.Session\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x0c/v1/sessions:\x07session\x12i\n\nGetSession\x12\".soma.gateway.v1.GetSessionRequest\x1a\x18.soma.gateway.v1.Session\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/{name=sessions/*}\x12q\n\x0cListSessions\x12$.soma.gateway.v1.ListSessionsRequest\x1a%.soma.gateway.v1.ListSessionsResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/sessions\x12v\n\x0c\x43loseSession\x12$.soma.gateway.v1.CloseSessionRequest\x1a\x18.soma.gateway.v1.Session\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/{name=sessions/*}:close:\x01*\x12\x7f\n\x0bSendMessage\x12#.soma.gateway.v1.SendMessageRequest\x1a\x18.soma.gateway.v1.Message\"1\x82\xd3\xe4\x93\x02+\" /v1/{parent=sessions/*}/messages:\x07message\x12\x85\x01\n\x0cListMessages\x12$.soma.gateway.v1.ListMessagesRequest\x1a%.soma.gateway.v1.ListMessagesResponse\"(\x82\xd3\xe4\x93\x02\"\x12 /v1/{parent=sessions/*}/messages\x12\x93\x01\n\x13StreamSessionEvents\x12+.soma.gateway.v1.StreamSessionEventsRequest\x1a\x1d.soma.gateway.v1.SessionEvent\".\x82\xd3\xe4\x93\x02(\x12&/v1/{session=sessions/*}/events:stream0\x01\x12l\n\rGetQueueStats\x12%.soma.gateway.v1.GetQueueStatsRequest\x1a\x1b.soma.gateway.v1.QueueStats\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/queue/stats\x12\x61\n\tGetHealth\x12!.soma.gateway.v1.GetHealthRequest\x1a\x17.soma.gateway.v1.Health\"\x18\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/health\x12\x65\n\nGetVersion\x12\".soma.gateway.v1.GetVersionRequest\x1a\x18.soma.gateway.v1.Version\"\x19\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\r\x12\x0b/v1/versionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -86,33 +87,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GATEWAYSERVICE'].methods_by_name['GetQueueStats']._loaded_options = None
   _globals['_GATEWAYSERVICE'].methods_by_name['GetQueueStats']._serialized_options = b'\202\323\344\223\002\021\022\017/v1/queue/stats'
   _globals['_GATEWAYSERVICE'].methods_by_name['GetHealth']._loaded_options = None
-  _globals['_GATEWAYSERVICE'].methods_by_name['GetHealth']._serialized_options = b'\202\323\344\223\002\014\022\n/v1/health'
+  _globals['_GATEWAYSERVICE'].methods_by_name['GetHealth']._serialized_options = b'\242\273\030\002\010\001\202\323\344\223\002\014\022\n/v1/health'
   _globals['_GATEWAYSERVICE'].methods_by_name['GetVersion']._loaded_options = None
-  _globals['_GATEWAYSERVICE'].methods_by_name['GetVersion']._serialized_options = b'\202\323\344\223\002\r\022\013/v1/version'
-  _globals['_CREATESESSIONREQUEST']._serialized_start=173
-  _globals['_CREATESESSIONREQUEST']._serialized_end=290
-  _globals['_GETSESSIONREQUEST']._serialized_start=292
-  _globals['_GETSESSIONREQUEST']._serialized_end=366
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=369
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=521
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=523
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=639
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=641
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=754
-  _globals['_SENDMESSAGEREQUEST']._serialized_start=757
-  _globals['_SENDMESSAGEREQUEST']._serialized_end=931
-  _globals['_LISTMESSAGESREQUEST']._serialized_start=934
-  _globals['_LISTMESSAGESREQUEST']._serialized_end=1086
-  _globals['_LISTMESSAGESRESPONSE']._serialized_start=1088
-  _globals['_LISTMESSAGESRESPONSE']._serialized_end=1204
-  _globals['_STREAMSESSIONEVENTSREQUEST']._serialized_start=1207
-  _globals['_STREAMSESSIONEVENTSREQUEST']._serialized_end=1389
-  _globals['_GETQUEUESTATSREQUEST']._serialized_start=1391
-  _globals['_GETQUEUESTATSREQUEST']._serialized_end=1413
-  _globals['_GETHEALTHREQUEST']._serialized_start=1415
-  _globals['_GETHEALTHREQUEST']._serialized_end=1433
-  _globals['_GETVERSIONREQUEST']._serialized_start=1435
-  _globals['_GETVERSIONREQUEST']._serialized_end=1454
-  _globals['_GATEWAYSERVICE']._serialized_start=1457
-  _globals['_GATEWAYSERVICE']._serialized_end=2643
+  _globals['_GATEWAYSERVICE'].methods_by_name['GetVersion']._serialized_options = b'\242\273\030\002\010\001\202\323\344\223\002\r\022\013/v1/version'
+  _globals['_CREATESESSIONREQUEST']._serialized_start=204
+  _globals['_CREATESESSIONREQUEST']._serialized_end=321
+  _globals['_GETSESSIONREQUEST']._serialized_start=323
+  _globals['_GETSESSIONREQUEST']._serialized_end=397
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=400
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=552
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=554
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=670
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=672
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=785
+  _globals['_SENDMESSAGEREQUEST']._serialized_start=788
+  _globals['_SENDMESSAGEREQUEST']._serialized_end=962
+  _globals['_LISTMESSAGESREQUEST']._serialized_start=965
+  _globals['_LISTMESSAGESREQUEST']._serialized_end=1117
+  _globals['_LISTMESSAGESRESPONSE']._serialized_start=1119
+  _globals['_LISTMESSAGESRESPONSE']._serialized_end=1235
+  _globals['_STREAMSESSIONEVENTSREQUEST']._serialized_start=1238
+  _globals['_STREAMSESSIONEVENTSREQUEST']._serialized_end=1420
+  _globals['_GETQUEUESTATSREQUEST']._serialized_start=1422
+  _globals['_GETQUEUESTATSREQUEST']._serialized_end=1444
+  _globals['_GETHEALTHREQUEST']._serialized_start=1446
+  _globals['_GETHEALTHREQUEST']._serialized_end=1464
+  _globals['_GETVERSIONREQUEST']._serialized_start=1466
+  _globals['_GETVERSIONREQUEST']._serialized_end=1485
+  _globals['_GATEWAYSERVICE']._serialized_start=1488
+  _globals['_GATEWAYSERVICE']._serialized_end=2686
 # @@protoc_insertion_point(module_scope)

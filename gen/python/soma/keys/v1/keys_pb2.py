@@ -29,10 +29,11 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from soma.api.v1 import annotations_pb2 as soma_dot_api_dot_v1_dot_annotations__pb2
 from soma.keys.v1 import resources_pb2 as soma_dot_keys_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17soma/keys/v1/keys.proto\x12\x0csoma.keys.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1csoma/keys/v1/resources.proto\"o\n\x13\x43reateApiKeyRequest\x12\x33\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x14.soma.keys.v1.ApiKeyB\x04\xe2\x41\x01\x02R\x06\x61piKey\x12#\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\trequestId\"]\n\x14\x43reateApiKeyResponse\x12-\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x14.soma.keys.v1.ApiKeyR\x06\x61piKey\x12\x16\n\x06secret\x18\x02 \x01(\tR\x06secret\"E\n\x10GetApiKeyRequest\x12\x31\n\x04name\x18\x01 \x01(\tB\x1d\xe2\x41\x01\x02\xfa\x41\x16\n\x14keys.soma.dev/ApiKeyR\x04name\"\xaf\x01\n\x12ListApiKeysRequest\x12!\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01R\x08pageSize\x12#\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\tpageToken\x12\x35\n\x05state\x18\x03 \x01(\x0e\x32\x19.soma.keys.v1.ApiKeyStateB\x04\xe2\x41\x01\x01R\x05state\x12\x1a\n\x05owner\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01R\x05owner\"n\n\x13ListApiKeysResponse\x12/\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x14.soma.keys.v1.ApiKeyR\x07\x61piKeys\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xb2\x01\n\x13UpdateApiKeyRequest\x12\x33\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x14.soma.keys.v1.ApiKeyB\x04\xe2\x41\x01\x02R\x06\x61piKey\x12\x41\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02R\nupdateMask\x12#\n\nrequest_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\trequestId\"\x8b\x01\n\x13RevokeApiKeyRequest\x12\x31\n\x04name\x18\x01 \x01(\tB\x1d\xe2\x41\x01\x02\xfa\x41\x16\n\x14keys.soma.dev/ApiKeyR\x04name\x12\x1c\n\x06reason\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\x06reason\x12#\n\nrequest_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\trequestId\"\xb1\x01\n\x13RotateApiKeyRequest\x12\x31\n\x04name\x18\x01 \x01(\tB\x1d\xe2\x41\x01\x02\xfa\x41\x16\n\x14keys.soma.dev/ApiKeyR\x04name\x12\x42\n\x0cgrace_period\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01R\x0bgracePeriod\x12#\n\nrequest_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\trequestId\"]\n\x14RotateApiKeyResponse\x12-\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x14.soma.keys.v1.ApiKeyR\x06\x61piKey\x12\x16\n\x06secret\x18\x02 \x01(\tR\x06secret\"\xa5\x01\n\x11IssueTokenRequest\x12\x1d\n\x07\x61pi_key\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01R\x06\x61piKey\x12 \n\x08\x61udience\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\x08\x61udience\x12\x31\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01R\x03ttl\x12\x1c\n\x06scopes\x18\x04 \x03(\tB\x04\xe2\x41\x01\x01R\x06scopes\"\xb2\x01\n\x12IssueTokenResponse\x12!\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\tR\x0b\x61\x63\x63\x65ssToken\x12\x1d\n\ntoken_type\x18\x02 \x01(\tR\ttokenType\x12;\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nexpireTime\x12\x1d\n\nexpires_in\x18\x04 \x01(\x03R\texpiresIn\"\x10\n\x0eGetJwksRequest\"\xbc\x01\n\x13\x43reateTenantRequest\x12!\n\ttenant_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x08tenantId\x12\x32\n\x06tenant\x18\x02 \x01(\x0b\x32\x14.soma.keys.v1.TenantB\x04\xe2\x41\x01\x02R\x06tenant\x12)\n\radmin_subject\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\x0c\x61\x64minSubject\x12#\n\nrequest_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01R\trequestId\"E\n\x10GetTenantRequest\x12\x31\n\x04name\x18\x01 \x01(\tB\x1d\xe2\x41\x01\x02\xfa\x41\x16\n\x14keys.soma.dev/TenantR\x04name\"\\\n\x12ListTenantsRequest\x12!\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01R\x08pageSize\x12#\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\tpageToken\"m\n\x13ListTenantsResponse\x12.\n\x07tenants\x18\x01 \x03(\x0b\x32\x14.soma.keys.v1.TenantR\x07tenants\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xb1\x01\n\x13UpdateTenantRequest\x12\x32\n\x06tenant\x18\x01 \x01(\x0b\x32\x14.soma.keys.v1.TenantB\x04\xe2\x41\x01\x02R\x06tenant\x12\x41\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02R\nupdateMask\x12#\n\nrequest_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\trequestId\"\x83\x01\n\x18\x43reateRoleBindingRequest\x12\x42\n\x0crole_binding\x18\x01 \x01(\x0b\x32\x19.soma.keys.v1.RoleBindingB\x04\xe2\x41\x01\x02R\x0broleBinding\x12#\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\trequestId\"O\n\x15GetRoleBindingRequest\x12\x36\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19keys.soma.dev/RoleBindingR\x04name\"\xc1\x01\n\x17ListRoleBindingsRequest\x12!\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01R\x08pageSize\x12#\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\tpageToken\x12\x1e\n\x07subject\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\x07subject\x12 \n\x08relation\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01R\x08relation\x12\x1c\n\x06object\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01R\x06object\"\x82\x01\n\x18ListRoleBindingsResponse\x12>\n\rrole_bindings\x18\x01 \x03(\x0b\x32\x19.soma.keys.v1.RoleBindingR\x0croleBindings\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"w\n\x18\x44\x65leteRoleBindingRequest\x12\x36\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19keys.soma.dev/RoleBindingR\x04name\x12#\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\trequestId2\xf8\r\n\x0bKeysService\x12p\n\x0c\x43reateApiKey\x12!.soma.keys.v1.CreateApiKeyRequest\x1a\".soma.keys.v1.CreateApiKeyResponse\"\x19\x82\xd3\xe4\x93\x02\x13\"\x08/v1/keys:\x07\x61pi_key\x12\\\n\tGetApiKey\x12\x1e.soma.keys.v1.GetApiKeyRequest\x1a\x14.soma.keys.v1.ApiKey\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/{name=keys/*}\x12\x64\n\x0bListApiKeys\x12 .soma.keys.v1.ListApiKeysRequest\x1a!.soma.keys.v1.ListApiKeysResponse\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/v1/keys\x12s\n\x0cUpdateApiKey\x12!.soma.keys.v1.UpdateApiKeyRequest\x1a\x14.soma.keys.v1.ApiKey\"*\x82\xd3\xe4\x93\x02$2\x19/v1/{api_key.name=keys/*}:\x07\x61pi_key\x12l\n\x0cRevokeApiKey\x12!.soma.keys.v1.RevokeApiKeyRequest\x1a\x14.soma.keys.v1.ApiKey\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/{name=keys/*}:revoke:\x01*\x12z\n\x0cRotateApiKey\x12!.soma.keys.v1.RotateApiKeyRequest\x1a\".soma.keys.v1.RotateApiKeyResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/{name=keys/*}:rotate:\x01*\x12l\n\nIssueToken\x12\x1f.soma.keys.v1.IssueTokenRequest\x1a .soma.keys.v1.IssueTokenResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/v1/tokens:issue:\x01*\x12V\n\x07GetJwks\x12\x1c.soma.keys.v1.GetJwksRequest\x1a\x1b.soma.keys.v1.JsonWebKeySet\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/v1/jwks\x12\x64\n\x0c\x43reateTenant\x12!.soma.keys.v1.CreateTenantRequest\x1a\x14.soma.keys.v1.Tenant\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x0b/v1/tenants:\x06tenant\x12_\n\tGetTenant\x12\x1e.soma.keys.v1.GetTenantRequest\x1a\x14.soma.keys.v1.Tenant\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/{name=tenants/*}\x12g\n\x0bListTenants\x12 .soma.keys.v1.ListTenantsRequest\x1a!.soma.keys.v1.ListTenantsResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/v1/tenants\x12t\n\x0cUpdateTenant\x12!.soma.keys.v1.UpdateTenantRequest\x1a\x14.soma.keys.v1.Tenant\"+\x82\xd3\xe4\x93\x02%2\x1b/v1/{tenant.name=tenants/*}:\x06tenant\x12~\n\x11\x43reateRoleBinding\x12&.soma.keys.v1.CreateRoleBindingRequest\x1a\x19.soma.keys.v1.RoleBinding\"&\x82\xd3\xe4\x93\x02 \"\x10/v1/roleBindings:\x0crole_binding\x12s\n\x0eGetRoleBinding\x12#.soma.keys.v1.GetRoleBindingRequest\x1a\x19.soma.keys.v1.RoleBinding\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/{name=roleBindings/*}\x12{\n\x10ListRoleBindings\x12%.soma.keys.v1.ListRoleBindingsRequest\x1a&.soma.keys.v1.ListRoleBindingsResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/roleBindings\x12v\n\x11\x44\x65leteRoleBinding\x12&.soma.keys.v1.DeleteRoleBindingRequest\x1a\x16.google.protobuf.Empty\"!\x82\xd3\xe4\x93\x02\x1b*\x19/v1/{name=roleBindings/*}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17soma/keys/v1/keys.proto\x12\x0csoma.keys.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dsoma/api/v1/annotations.proto\x1a\x1csoma/keys/v1/resources.proto\"o\n\x13\x43reateApiKeyRequest\x12\x33\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x14.soma.keys.v1.ApiKeyB\x04\xe2\x41\x01\x02R\x06\x61piKey\x12#\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\trequestId\"]\n\x14\x43reateApiKeyResponse\x12-\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x14.soma.keys.v1.ApiKeyR\x06\x61piKey\x12\x16\n\x06secret\x18\x02 \x01(\tR\x06secret\"E\n\x10GetApiKeyRequest\x12\x31\n\x04name\x18\x01 \x01(\tB\x1d\xe2\x41\x01\x02\xfa\x41\x16\n\x14keys.soma.dev/ApiKeyR\x04name\"\xaf\x01\n\x12ListApiKeysRequest\x12!\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01R\x08pageSize\x12#\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\tpageToken\x12\x35\n\x05state\x18\x03 \x01(\x0e\x32\x19.soma.keys.v1.ApiKeyStateB\x04\xe2\x41\x01\x01R\x05state\x12\x1a\n\x05owner\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01R\x05owner\"n\n\x13ListApiKeysResponse\x12/\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x14.soma.keys.v1.ApiKeyR\x07\x61piKeys\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xb2\x01\n\x13UpdateApiKeyRequest\x12\x33\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x14.soma.keys.v1.ApiKeyB\x04\xe2\x41\x01\x02R\x06\x61piKey\x12\x41\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02R\nupdateMask\x12#\n\nrequest_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\trequestId\"\x8b\x01\n\x13RevokeApiKeyRequest\x12\x31\n\x04name\x18\x01 \x01(\tB\x1d\xe2\x41\x01\x02\xfa\x41\x16\n\x14keys.soma.dev/ApiKeyR\x04name\x12\x1c\n\x06reason\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\x06reason\x12#\n\nrequest_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\trequestId\"\xb1\x01\n\x13RotateApiKeyRequest\x12\x31\n\x04name\x18\x01 \x01(\tB\x1d\xe2\x41\x01\x02\xfa\x41\x16\n\x14keys.soma.dev/ApiKeyR\x04name\x12\x42\n\x0cgrace_period\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01R\x0bgracePeriod\x12#\n\nrequest_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\trequestId\"]\n\x14RotateApiKeyResponse\x12-\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x14.soma.keys.v1.ApiKeyR\x06\x61piKey\x12\x16\n\x06secret\x18\x02 \x01(\tR\x06secret\"\xa5\x01\n\x11IssueTokenRequest\x12\x1d\n\x07\x61pi_key\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01R\x06\x61piKey\x12 \n\x08\x61udience\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\x08\x61udience\x12\x31\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01R\x03ttl\x12\x1c\n\x06scopes\x18\x04 \x03(\tB\x04\xe2\x41\x01\x01R\x06scopes\"\xb2\x01\n\x12IssueTokenResponse\x12!\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\tR\x0b\x61\x63\x63\x65ssToken\x12\x1d\n\ntoken_type\x18\x02 \x01(\tR\ttokenType\x12;\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nexpireTime\x12\x1d\n\nexpires_in\x18\x04 \x01(\x03R\texpiresIn\"\x10\n\x0eGetJwksRequest\"\xbc\x01\n\x13\x43reateTenantRequest\x12!\n\ttenant_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x08tenantId\x12\x32\n\x06tenant\x18\x02 \x01(\x0b\x32\x14.soma.keys.v1.TenantB\x04\xe2\x41\x01\x02R\x06tenant\x12)\n\radmin_subject\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\x0c\x61\x64minSubject\x12#\n\nrequest_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01R\trequestId\"E\n\x10GetTenantRequest\x12\x31\n\x04name\x18\x01 \x01(\tB\x1d\xe2\x41\x01\x02\xfa\x41\x16\n\x14keys.soma.dev/TenantR\x04name\"\\\n\x12ListTenantsRequest\x12!\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01R\x08pageSize\x12#\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\tpageToken\"m\n\x13ListTenantsResponse\x12.\n\x07tenants\x18\x01 \x03(\x0b\x32\x14.soma.keys.v1.TenantR\x07tenants\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xb1\x01\n\x13UpdateTenantRequest\x12\x32\n\x06tenant\x18\x01 \x01(\x0b\x32\x14.soma.keys.v1.TenantB\x04\xe2\x41\x01\x02R\x06tenant\x12\x41\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02R\nupdateMask\x12#\n\nrequest_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\trequestId\"\x83\x01\n\x18\x43reateRoleBindingRequest\x12\x42\n\x0crole_binding\x18\x01 \x01(\x0b\x32\x19.soma.keys.v1.RoleBindingB\x04\xe2\x41\x01\x02R\x0broleBinding\x12#\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\trequestId\"O\n\x15GetRoleBindingRequest\x12\x36\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19keys.soma.dev/RoleBindingR\x04name\"\xc1\x01\n\x17ListRoleBindingsRequest\x12!\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01R\x08pageSize\x12#\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\tpageToken\x12\x1e\n\x07subject\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\x07subject\x12 \n\x08relation\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01R\x08relation\x12\x1c\n\x06object\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01R\x06object\"\x82\x01\n\x18ListRoleBindingsResponse\x12>\n\rrole_bindings\x18\x01 \x03(\x0b\x32\x19.soma.keys.v1.RoleBindingR\x0croleBindings\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"w\n\x18\x44\x65leteRoleBindingRequest\x12\x36\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19keys.soma.dev/RoleBindingR\x04name\x12#\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\trequestId2\x84\x0e\n\x0bKeysService\x12p\n\x0c\x43reateApiKey\x12!.soma.keys.v1.CreateApiKeyRequest\x1a\".soma.keys.v1.CreateApiKeyResponse\"\x19\x82\xd3\xe4\x93\x02\x13\"\x08/v1/keys:\x07\x61pi_key\x12\\\n\tGetApiKey\x12\x1e.soma.keys.v1.GetApiKeyRequest\x1a\x14.soma.keys.v1.ApiKey\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/{name=keys/*}\x12\x64\n\x0bListApiKeys\x12 .soma.keys.v1.ListApiKeysRequest\x1a!.soma.keys.v1.ListApiKeysResponse\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/v1/keys\x12s\n\x0cUpdateApiKey\x12!.soma.keys.v1.UpdateApiKeyRequest\x1a\x14.soma.keys.v1.ApiKey\"*\x82\xd3\xe4\x93\x02$2\x19/v1/{api_key.name=keys/*}:\x07\x61pi_key\x12l\n\x0cRevokeApiKey\x12!.soma.keys.v1.RevokeApiKeyRequest\x1a\x14.soma.keys.v1.ApiKey\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/{name=keys/*}:revoke:\x01*\x12z\n\x0cRotateApiKey\x12!.soma.keys.v1.RotateApiKeyRequest\x1a\".soma.keys.v1.RotateApiKeyResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/{name=keys/*}:rotate:\x01*\x12r\n\nIssueToken\x12\x1f.soma.keys.v1.IssueTokenRequest\x1a .soma.keys.v1.IssueTokenResponse\"!\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x15\"\x10/v1/tokens:issue:\x01*\x12\\\n\x07GetJwks\x12\x1c.soma.keys.v1.GetJwksRequest\x1a\x1b.soma.keys.v1.JsonWebKeySet\"\x16\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\n\x12\x08/v1/jwks\x12\x64\n\x0c\x43reateTenant\x12!.soma.keys.v1.CreateTenantRequest\x1a\x14.soma.keys.v1.Tenant\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x0b/v1/tenants:\x06tenant\x12_\n\tGetTenant\x12\x1e.soma.keys.v1.GetTenantRequest\x1a\x14.soma.keys.v1.Tenant\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/{name=tenants/*}\x12g\n\x0bListTenants\x12 .soma.keys.v1.ListTenantsRequest\x1a!.soma.keys.v1.ListTenantsResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/v1/tenants\x12t\n\x0cUpdateTenant\x12!.soma.keys.v1.UpdateTenantRequest\x1a\x14.soma.keys.v1.Tenant\"+\x82\xd3\xe4\x93\x02%2\x1b/v1/{tenant.name=tenants/*}:\x06tenant\x12~\n\x11\x43reateRoleBinding\x12&.soma.keys.v1.CreateRoleBindingRequest\x1a\x19.soma.keys.v1.RoleBinding\"&\x82\xd3\xe4\x93\x02 \"\x10/v1/roleBindings:\x0crole_binding\x12s\n\x0eGetRoleBinding\x12#.soma.keys.v1.GetRoleBindingRequest\x1a\x19.soma.keys.v1.RoleBinding\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/{name=roleBindings/*}\x12{\n\x10ListRoleBindings\x12%.soma.keys.v1.ListRoleBindingsRequest\x1a&.soma.keys.v1.ListRoleBindingsResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/roleBindings\x12v\n\x11\x44\x65leteRoleBinding\x12&.soma.keys.v1.DeleteRoleBindingRequest\x1a\x16.google.protobuf.Empty\"!\x82\xd3\xe4\x93\x02\x1b*\x19/v1/{name=roleBindings/*}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -132,9 +133,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KEYSSERVICE'].methods_by_name['RotateApiKey']._loaded_options = None
   _globals['_KEYSSERVICE'].methods_by_name['RotateApiKey']._serialized_options = b'\202\323\344\223\002\035\"\030/v1/{name=keys/*}:rotate:\001*'
   _globals['_KEYSSERVICE'].methods_by_name['IssueToken']._loaded_options = None
-  _globals['_KEYSSERVICE'].methods_by_name['IssueToken']._serialized_options = b'\202\323\344\223\002\025\"\020/v1/tokens:issue:\001*'
+  _globals['_KEYSSERVICE'].methods_by_name['IssueToken']._serialized_options = b'\242\273\030\002\010\001\202\323\344\223\002\025\"\020/v1/tokens:issue:\001*'
   _globals['_KEYSSERVICE'].methods_by_name['GetJwks']._loaded_options = None
-  _globals['_KEYSSERVICE'].methods_by_name['GetJwks']._serialized_options = b'\202\323\344\223\002\n\022\010/v1/jwks'
+  _globals['_KEYSSERVICE'].methods_by_name['GetJwks']._serialized_options = b'\242\273\030\002\010\001\202\323\344\223\002\n\022\010/v1/jwks'
   _globals['_KEYSSERVICE'].methods_by_name['CreateTenant']._loaded_options = None
   _globals['_KEYSSERVICE'].methods_by_name['CreateTenant']._serialized_options = b'\202\323\344\223\002\025\"\013/v1/tenants:\006tenant'
   _globals['_KEYSSERVICE'].methods_by_name['GetTenant']._loaded_options = None
@@ -151,50 +152,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KEYSSERVICE'].methods_by_name['ListRoleBindings']._serialized_options = b'\202\323\344\223\002\022\022\020/v1/roleBindings'
   _globals['_KEYSSERVICE'].methods_by_name['DeleteRoleBinding']._loaded_options = None
   _globals['_KEYSSERVICE'].methods_by_name['DeleteRoleBinding']._serialized_options = b'\202\323\344\223\002\033*\031/v1/{name=roleBindings/*}'
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=289
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=400
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=402
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=495
-  _globals['_GETAPIKEYREQUEST']._serialized_start=497
-  _globals['_GETAPIKEYREQUEST']._serialized_end=566
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=569
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=744
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=746
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=856
-  _globals['_UPDATEAPIKEYREQUEST']._serialized_start=859
-  _globals['_UPDATEAPIKEYREQUEST']._serialized_end=1037
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1040
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1179
-  _globals['_ROTATEAPIKEYREQUEST']._serialized_start=1182
-  _globals['_ROTATEAPIKEYREQUEST']._serialized_end=1359
-  _globals['_ROTATEAPIKEYRESPONSE']._serialized_start=1361
-  _globals['_ROTATEAPIKEYRESPONSE']._serialized_end=1454
-  _globals['_ISSUETOKENREQUEST']._serialized_start=1457
-  _globals['_ISSUETOKENREQUEST']._serialized_end=1622
-  _globals['_ISSUETOKENRESPONSE']._serialized_start=1625
-  _globals['_ISSUETOKENRESPONSE']._serialized_end=1803
-  _globals['_GETJWKSREQUEST']._serialized_start=1805
-  _globals['_GETJWKSREQUEST']._serialized_end=1821
-  _globals['_CREATETENANTREQUEST']._serialized_start=1824
-  _globals['_CREATETENANTREQUEST']._serialized_end=2012
-  _globals['_GETTENANTREQUEST']._serialized_start=2014
-  _globals['_GETTENANTREQUEST']._serialized_end=2083
-  _globals['_LISTTENANTSREQUEST']._serialized_start=2085
-  _globals['_LISTTENANTSREQUEST']._serialized_end=2177
-  _globals['_LISTTENANTSRESPONSE']._serialized_start=2179
-  _globals['_LISTTENANTSRESPONSE']._serialized_end=2288
-  _globals['_UPDATETENANTREQUEST']._serialized_start=2291
-  _globals['_UPDATETENANTREQUEST']._serialized_end=2468
-  _globals['_CREATEROLEBINDINGREQUEST']._serialized_start=2471
-  _globals['_CREATEROLEBINDINGREQUEST']._serialized_end=2602
-  _globals['_GETROLEBINDINGREQUEST']._serialized_start=2604
-  _globals['_GETROLEBINDINGREQUEST']._serialized_end=2683
-  _globals['_LISTROLEBINDINGSREQUEST']._serialized_start=2686
-  _globals['_LISTROLEBINDINGSREQUEST']._serialized_end=2879
-  _globals['_LISTROLEBINDINGSRESPONSE']._serialized_start=2882
-  _globals['_LISTROLEBINDINGSRESPONSE']._serialized_end=3012
-  _globals['_DELETEROLEBINDINGREQUEST']._serialized_start=3014
-  _globals['_DELETEROLEBINDINGREQUEST']._serialized_end=3133
-  _globals['_KEYSSERVICE']._serialized_start=3136
-  _globals['_KEYSSERVICE']._serialized_end=4920
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=320
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=431
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=433
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=526
+  _globals['_GETAPIKEYREQUEST']._serialized_start=528
+  _globals['_GETAPIKEYREQUEST']._serialized_end=597
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=600
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=775
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=777
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=887
+  _globals['_UPDATEAPIKEYREQUEST']._serialized_start=890
+  _globals['_UPDATEAPIKEYREQUEST']._serialized_end=1068
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1071
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1210
+  _globals['_ROTATEAPIKEYREQUEST']._serialized_start=1213
+  _globals['_ROTATEAPIKEYREQUEST']._serialized_end=1390
+  _globals['_ROTATEAPIKEYRESPONSE']._serialized_start=1392
+  _globals['_ROTATEAPIKEYRESPONSE']._serialized_end=1485
+  _globals['_ISSUETOKENREQUEST']._serialized_start=1488
+  _globals['_ISSUETOKENREQUEST']._serialized_end=1653
+  _globals['_ISSUETOKENRESPONSE']._serialized_start=1656
+  _globals['_ISSUETOKENRESPONSE']._serialized_end=1834
+  _globals['_GETJWKSREQUEST']._serialized_start=1836
+  _globals['_GETJWKSREQUEST']._serialized_end=1852
+  _globals['_CREATETENANTREQUEST']._serialized_start=1855
+  _globals['_CREATETENANTREQUEST']._serialized_end=2043
+  _globals['_GETTENANTREQUEST']._serialized_start=2045
+  _globals['_GETTENANTREQUEST']._serialized_end=2114
+  _globals['_LISTTENANTSREQUEST']._serialized_start=2116
+  _globals['_LISTTENANTSREQUEST']._serialized_end=2208
+  _globals['_LISTTENANTSRESPONSE']._serialized_start=2210
+  _globals['_LISTTENANTSRESPONSE']._serialized_end=2319
+  _globals['_UPDATETENANTREQUEST']._serialized_start=2322
+  _globals['_UPDATETENANTREQUEST']._serialized_end=2499
+  _globals['_CREATEROLEBINDINGREQUEST']._serialized_start=2502
+  _globals['_CREATEROLEBINDINGREQUEST']._serialized_end=2633
+  _globals['_GETROLEBINDINGREQUEST']._serialized_start=2635
+  _globals['_GETROLEBINDINGREQUEST']._serialized_end=2714
+  _globals['_LISTROLEBINDINGSREQUEST']._serialized_start=2717
+  _globals['_LISTROLEBINDINGSREQUEST']._serialized_end=2910
+  _globals['_LISTROLEBINDINGSRESPONSE']._serialized_start=2913
+  _globals['_LISTROLEBINDINGSRESPONSE']._serialized_end=3043
+  _globals['_DELETEROLEBINDINGREQUEST']._serialized_start=3045
+  _globals['_DELETEROLEBINDINGREQUEST']._serialized_end=3164
+  _globals['_KEYSSERVICE']._serialized_start=3167
+  _globals['_KEYSSERVICE']._serialized_end=4963
 # @@protoc_insertion_point(module_scope)
