@@ -20,7 +20,6 @@ Secrets are `repr=False` so a logged config never shows them.
 | VAULT_ADDR           | (none)                  | OpenBao/Vault address                     |
 | VAULT_TOKEN          | (none)                  | OpenBao/Vault token (secret)              |
 | SOMA_PARTITIONS      | 4                       | session queue partitions                  |
-| SOMA_DEFAULT_TENANT  | default                 | tenant of calls until authentication lands|
 """
 
 from __future__ import annotations
@@ -79,7 +78,6 @@ class Config:
     vault: VaultConfig | None
     data_dir: Path
     partitions: int
-    default_tenant: str
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
@@ -134,7 +132,6 @@ def load_config(service: str, env: Mapping[str, str]) -> Config:
         vault=VaultConfig(vault_addr, env.get("VAULT_TOKEN", "")) if vault_addr else None,
         data_dir=Path(env.get("SOMA_DATA_DIR", ".soma")),
         partitions=_int(env, "SOMA_PARTITIONS", 4, minimum=1),
-        default_tenant=env.get("SOMA_DEFAULT_TENANT", "default"),
     )
 
 

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from grpc import aio
@@ -24,6 +24,7 @@ from services.common.config import Config, load_config
 from services.common.interceptors import build_interceptors
 from services.common.logs import configure_logging
 from services.common.reflection import enable_reflection
+from services.common.runtime import Runtime, open_runtime
 
 log = logging.getLogger(__name__)
 
@@ -98,34 +99,44 @@ class ServiceParts:
     close: Callable[[], Awaitable[None]]
 
 
-# open(config, draining) -> ServiceParts; `draining` is set when SIGTERM arrives, so that
-# long streams can end cleanly instead of being cut at the end of the grace period.
-Opener = Callable[[Config, asyncio.Event], Awaitable[ServiceParts]]
+# open(runtime) -> ServiceParts. The runtime holds what every service shares (database pool,
+# NATS, authentication, authorization) and `draining`, set when SIGTERM arrives so long
+# streams can end cleanly instead of being cut at the end of the grace period.
+Opener = Callable[[Runtime], Awaitable[ServiceParts]]
 
 
-async def _serve(config: Config, opener: Opener) -> None:
+async def _serve(config: Config, env: Mapping[str, str], opener: Opener) -> None:
     stop = asyncio.Event()
     draining = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    parts = await opener(config, draining)
+    runtime = await open_runtime(config, env, draining)
     try:
-        running = await create_server(config, parts.service_names, parts.register)
-        await running.set_serving(True)
-        # Printed (not only logged) so a supervisor that asked for port 0 can read it.
-        print(f"SOMA_READY {config.service} {config.server.host}:{running.port}", flush=True)
-        log.info("%s serving on %s:%d", config.service, config.server.host, running.port)
-        await stop.wait()
-        log.info(
-            "draining: health NOT_SERVING, %.0fs grace for in-flight calls",
-            config.server.grace_seconds,
-        )
-        draining.set()
-        await running.drain_and_stop(config.server.grace_seconds, config.server.drain_delay_seconds)
+        parts = await opener(runtime)
+        try:
+            running = await create_server(
+                config, parts.service_names, parts.register, runtime.interceptors()
+            )
+            await running.set_serving(True)
+            # Printed (not only logged) so a supervisor that asked for port 0 can read it.
+            print(f"SOMA_READY {config.service} {config.server.host}:{running.port}", flush=True)
+            log.info("%s serving on %s:%d", config.service, config.server.host, running.port)
+            await stop.wait()
+            log.info(
+                "draining: health NOT_SERVING, %.0fs grace for in-flight calls",
+                config.server.grace_seconds,
+            )
+            draining.set()
+            await running.drain_and_stop(
+                config.server.grace_seconds, config.server.drain_delay_seconds
+            )
+        finally:
+            with contextlib.suppress(Exception):
+                await parts.close()
     finally:
         with contextlib.suppress(Exception):
-            await parts.close()
+            await runtime.close()
     log.info("stopped")
 
 
@@ -135,7 +146,7 @@ def serve(service: str, opener: Opener) -> None:
     configure_logging(config.log, service, config.server.replica)
     log.info("starting %s with %s", service, config.server)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(config, opener))
+        asyncio.run(_serve(config, os.environ, opener))
 
 
 def unimplemented_note(method: str, issue: int) -> str:

@@ -7,7 +7,6 @@ honest answer, not a stub pretending to succeed.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -15,7 +14,7 @@ import grpc
 from google.protobuf import descriptor_pool
 from grpc import aio
 
-from services.common.config import Config
+from services.common.runtime import Runtime
 from services.common.server import ServiceParts
 
 
@@ -46,8 +45,8 @@ def unimplemented_servicer(full_name: str, issue: int) -> Any:
 
 def unimplemented_opener(
     full_name: str, add_to_server: Callable[[Any, aio.Server], None], issue: int
-) -> Callable[[Config, asyncio.Event], Any]:
-    async def open_service(config: Config, draining: asyncio.Event) -> ServiceParts:
+) -> Callable[[Runtime], Any]:
+    async def open_service(runtime: Runtime) -> ServiceParts:
         servicer = unimplemented_servicer(full_name, issue)
 
         async def close() -> None:

@@ -7,9 +7,8 @@ import contextlib
 
 from grpc import aio
 
-from services.common.config import Config, require_database
-from services.common.db import open_pool
-from services.common.events import connect
+from services.common.db import migrate
+from services.common.runtime import Runtime
 from services.common.server import ServiceParts
 from services.gateway import queue
 from services.gateway.relay import Publisher, run_reply_ingester
@@ -20,9 +19,10 @@ from soma.gateway.v1 import gateway_pb2_grpc
 SERVICE_NAME = "soma.gateway.v1.GatewayService"
 
 
-async def open_gateway(config: Config, draining: asyncio.Event) -> ServiceParts:
-    pool = await open_pool(require_database(config), "gateway", MIGRATIONS)
-    bus = await connect(config.nats, config.server.replica)
+async def open_gateway(runtime: Runtime) -> ServiceParts:
+    config, pool, bus, draining = runtime.config, runtime.pool, runtime.bus, runtime.draining
+    async with pool.acquire() as conn:
+        await migrate(conn, "gateway", MIGRATIONS)
     await queue.ensure_queue(bus.js, config.partitions)
     store = SessionStore(pool)
     publisher = Publisher(bus, store)
@@ -31,7 +31,6 @@ async def open_gateway(config: Config, draining: asyncio.Event) -> ServiceParts:
         bus,
         publisher,
         config.partitions,
-        config.default_tenant,
         config.server.replica,
         draining,
     )
@@ -49,7 +48,5 @@ async def open_gateway(config: Config, draining: asyncio.Event) -> ServiceParts:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await bus.close()
-        await pool.close()
 
     return ServiceParts([SERVICE_NAME], register, close)

@@ -14,6 +14,7 @@ from grpc import aio
 from nats.js.errors import NotFoundError
 
 from services.common import paging
+from services.common.auth.principal import require_principal
 from services.common.errors import InvalidArgument, OutOfRange
 from services.common.events import Bus
 from services.common.names import check_request_id, parse_name
@@ -95,7 +96,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         bus: Bus,
         publisher: Publisher,
         partitions: int,
-        tenant: str,
         replica: str,
         draining: asyncio.Event,
     ) -> None:
@@ -103,13 +103,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.bus = bus
         self.publisher = publisher
         self.partitions = partitions
-        self.default_tenant = tenant
         self.replica = replica
         self.draining = draining
 
     def tenant(self, context: aio.ServicerContext) -> str:
-        # Until authentication lands (issue #3) every call belongs to the default tenant.
-        return self.default_tenant
+        # Set by the authentication interceptor; every query below is scoped by it.
+        return require_principal().tenant
 
     async def CreateSession(
         self, request: gateway_pb2.CreateSessionRequest, context: aio.ServicerContext

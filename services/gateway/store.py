@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.common.errors import FailedPrecondition, NotFound
+from services.common.errors import FailedPrecondition, NotFound, PermissionDenied
 from soma.gateway.v1 import resources_pb2 as pb
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -156,6 +156,7 @@ class SessionStore:
         """Closes the session; returns it and the status event's sequence (0 if it was
         already closed)."""
         async with self.pool.acquire() as conn, conn.transaction():
+            await self._lock_for_write(conn, tenant, session_id)
             row = await conn.fetchrow(
                 """UPDATE gateway_sessions
                    SET state = $3, close_time = now(), update_time = now(), last_seq = last_seq + 1
@@ -178,6 +179,24 @@ class SessionStore:
             await self._insert_event(conn, session_id, event)
             return session, row["last_seq"]
 
+    @staticmethod
+    async def _lock_for_write(
+        conn: asyncpg.Connection, tenant: str, session_id: str
+    ) -> asyncpg.Record:
+        """Locks the session for a change. Permission before existence (AIP-193): a session of
+        another tenant is PERMISSION_DENIED for writes (reads of it answer NOT_FOUND)."""
+        row = await conn.fetchrow(
+            "SELECT tenant, state FROM gateway_sessions WHERE id = $1 FOR UPDATE", session_id
+        )
+        if row is None:
+            raise NotFound(f"session sessions/{session_id} does not exist")
+        if row["tenant"] != tenant:
+            raise PermissionDenied(
+                f"you may not change session sessions/{session_id}: it is not in your tenant",
+                reason="CROSS_TENANT",
+            )
+        return row
+
     # -- messages ---------------------------------------------------------------------------
 
     async def add_user_message(
@@ -186,13 +205,7 @@ class SessionStore:
         async with self.pool.acquire() as conn, conn.transaction():
             # Lock the session row first: sends to one session are serialized, so a repeated
             # request_id is always seen by the second caller.
-            locked = await conn.fetchrow(
-                "SELECT state FROM gateway_sessions WHERE id = $1 AND tenant = $2 FOR UPDATE",
-                session_id,
-                tenant,
-            )
-            if locked is None:
-                raise NotFound(f"session sessions/{session_id} does not exist")
+            locked = await self._lock_for_write(conn, tenant, session_id)
             if request_id:
                 existing = await conn.fetchrow(
                     "SELECT * FROM gateway_messages WHERE session_id = $1 AND request_id = $2",

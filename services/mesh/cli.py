@@ -1,12 +1,14 @@
-"""`soma-mesh`: up | status | down.
+"""`soma-mesh`: up | status | down | admin.
 
     soma-mesh up [--replicas N] [--port 8080] [--admin-port 9901] [--host 127.0.0.1]
                  [--data-dir ./.soma] [--partitions 4]
     soma-mesh status [--data-dir ./.soma] [--json]
     soma-mesh down [--data-dir ./.soma]
+    soma-mesh admin create-key|rotate-signing-key [--data-dir ./.soma] ...   (see admin.py)
 
 Environment: DATABASE_URL / NATS_URL / VAULT_ADDR (+VAULT_TOKEN) use an existing server instead
-of starting one; SOMA_MESH_MODULES swaps the Python modules run for the parts (tests).
+of starting one; SOMA_MESH_MODULES swaps the Python modules run for the parts (tests);
+SOMA_MESH_BOOTSTRAP=0 skips creating the first admin key on a new database.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from services.mesh import admin
 from services.mesh.errors import LockHeldError, MeshError, NotRunningError
 from services.mesh.supervisor import Mesh, MeshOptions
 
@@ -72,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="stop the mesh running on a data directory")
     data_dir(down)
     down.add_argument("--timeout", type=float, default=90.0)
+
+    admin.add_parser(sub, data_dir)
     return parser
 
 
@@ -95,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_up(args)
     if args.command == "status":
         return cmd_status(args)
+    if args.command == "admin":
+        return admin.main(args)
     return cmd_down(args)
 
 
@@ -181,6 +188,12 @@ def print_ready(mesh: Mesh) -> None:
     lines.append(f"  {'Parts':14} " + ", ".join(p.name for p in s.parts))
     lines.append(f"  {'Logs':14} {mesh.log_dir}/<part>.log")
     lines.append(f"  {'State':14} {mesh.state_file}   (soma-mesh status --data-dir {s.data_dir})")
+    admin_key, mesh.bootstrap_key = mesh.bootstrap_key, None  # printed once, then forgotten
+    if admin_key is not None:
+        lines.append(f"  {'Admin API key':14} {admin_key.secret}")
+        roles = ", ".join(admin_key.roles)
+        lines.append(f"  {'':14} tenant {admin_key.tenant}, roles {roles}, scopes *")
+        lines.append(f"  {'':14} {admin.STORE_IT_NOW}")
     lines.append("Press Ctrl-C to stop.")
     print("\n".join(lines), flush=True)
 

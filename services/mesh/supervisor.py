@@ -21,8 +21,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
+from services.common.config import VaultConfig
 from services.mesh import envoy, nats, openbao, postgres, pyparts
 from services.mesh.errors import MeshError
 from services.mesh.lock import MeshLock
@@ -30,6 +32,9 @@ from services.mesh.ports import PortAllocator, port_is_free
 from services.mesh.process import ManagedProcess
 from services.mesh.state import MeshState, PartState, read_state, state_path, write_state
 from services.mesh.topology import Endpoint, Topology
+
+if TYPE_CHECKING:
+    from services.mesh.bootstrap import CreatedKey
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +60,9 @@ class MeshOptions:
     # The built-in minimal Envoy bootstrap instead of envoy_config.write_envoy_config
     # (None: SOMA_MESH_ENVOY_CONFIG=minimal in the environment decides).
     minimal_envoy_config: bool | None = None
+    # Create tenant `default` + an admin key when the database has no API key (None:
+    # SOMA_MESH_BOOTSTRAP=0 in the environment turns it off).
+    bootstrap: bool | None = None
 
 
 def redact_url(url: str) -> str:
@@ -124,6 +132,7 @@ class Mesh:
         self._started = False
         self._stopped = False
         self._pgdata: Path | None = None
+        self.bootstrap_key: CreatedKey | None = None  # for the ready banner only; never stored
 
     # -- public -------------------------------------------------------------------------------
 
@@ -152,6 +161,7 @@ class Mesh:
             reap_previous(self.data_dir)
             self._write()
             await self._start_all()
+            await self._bootstrap()
         except BaseException as exc:
             self.state.status = "failed"
             self.state.error = (
@@ -243,6 +253,21 @@ class Mesh:
             self._running.envoy = proc
             await self._start_group([proc])
         self._fill_urls()
+
+    async def _bootstrap(self) -> None:
+        enabled = self.options.bootstrap
+        if enabled is None:
+            enabled = self.environ.get("SOMA_MESH_BOOTSTRAP", "1") != "0"
+        if not enabled:
+            return
+        from services.mesh import bootstrap
+
+        connection = bootstrap.Connection(
+            self.environ.get("DATABASE_URL") or self.state.database_url,
+            VaultConfig(self.state.vault_addr, self.vault_token),
+        )
+        env = self.environ.get("SOMA_ENV", "dev").strip().lower() or "dev"
+        self.bootstrap_key = await bootstrap.bootstrap(connection, env)
 
     def _fixed_port(self, ports: PortAllocator, host: str, port: int, flag: str) -> int:
         if port == 0:

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.integration.harness import MeshRunner
+from tests.integration.harness import MeshRunner, authed_channel
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +21,7 @@ def mesh() -> Iterator[MeshRunner]:
     runner = MeshRunner(base / "data")
     try:
         runner.start()
+        runner.admin_key = runner.create_key(tenant="default", roles=("admin",))
         yield runner
     finally:
         runner.stop()
@@ -29,7 +30,14 @@ def mesh() -> Iterator[MeshRunner]:
             shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def admin_key(mesh: MeshRunner) -> str:
+    """An admin API key of tenant `default`, made as an operator would."""
+    return mesh.admin_key
+
+
 @pytest.fixture
-async def channel(mesh: MeshRunner) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(mesh.grpc_target) as ch:
+async def channel(mesh: MeshRunner, admin_key: str) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to Envoy whose calls carry the admin key (unless they set their own)."""
+    async with authed_channel(mesh.grpc_target, admin_key) as ch:
         yield ch

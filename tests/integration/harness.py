@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+
+from services.client._interceptors import interceptors
+
 READY_TIMEOUT = 180.0
 
 
@@ -36,6 +40,9 @@ class MeshRunner:
     port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    # every credential the tests made: none of them may appear in any log line
+    secrets: list[str] = field(default_factory=list)
+    admin_key: str = ""  # an admin key of tenant `default`, made once the mesh is ready
 
     @property
     def state_file(self) -> Path:
@@ -119,6 +126,37 @@ class MeshRunner:
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def create_key(self, tenant: str = "default", roles: tuple[str, ...] = ("admin",)) -> str:
+        """A new API key secret, made the way an operator does: `soma-mesh admin create-key`."""
+        args = [
+            sys.executable,
+            "-m",
+            "services.mesh",
+            "admin",
+            "create-key",
+            "--json",
+            "--data-dir",
+            str(self.data_dir),
+            "--tenant",
+            tenant,
+        ]
+        for role in roles:
+            args += ["--role", role]
+        out = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"create-key failed ({out.returncode}): {out.stderr[-2000:]}")
+        secret = str(json.loads(out.stdout)["secret"])
+        self.secrets.append(secret)
+        return secret
+
+
+def authed_channel(target: str, secret: str) -> grpc.aio.Channel:
+    """A channel whose calls carry `authorization: Bearer <secret>` (the SDK's interceptors;
+    a credential a call sets itself wins)."""
+    return grpc.aio.insecure_channel(
+        target, interceptors=interceptors([("authorization", f"Bearer {secret}")], None)
+    )
+
 
 @dataclass
 class Response:
@@ -151,7 +189,9 @@ def http_request(
         conn.close()
 
 
-def grpc_web_call(port: int, path: str, message: bytes) -> tuple[int, list[bytes], dict[str, str]]:
+def grpc_web_call(
+    port: int, path: str, message: bytes, secret: str | None = None
+) -> tuple[int, list[bytes], dict[str, str]]:
     """One unary/server-streaming gRPC-Web call (binary framing); returns the HTTP status,
     the response messages and the trailers."""
     frame = b"\x00" + struct.pack(">I", len(message)) + message
@@ -160,7 +200,11 @@ def grpc_web_call(port: int, path: str, message: bytes) -> tuple[int, list[bytes
         "POST",
         path,
         raw=frame,
-        headers={"content-type": "application/grpc-web+proto", "x-grpc-web": "1"},
+        headers={
+            "content-type": "application/grpc-web+proto",
+            "x-grpc-web": "1",
+            **({"authorization": f"Bearer {secret}"} if secret else {}),
+        },
     )
     messages, trailers, body = [], {}, resp.body
     while body:

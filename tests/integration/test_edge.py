@@ -75,7 +75,11 @@ def test_every_http_rule_has_a_route(mesh: MeshRunner) -> None:
                 + path[end + 1 :]
             )
         resp = http_request(
-            mesh.port, verb.upper(), path, {} if verb in {"post", "patch", "put"} else None
+            mesh.port,
+            verb.upper(),
+            path,
+            {} if verb in {"post", "patch", "put"} else None,
+            headers={"x-api-key": mesh.admin_key},
         )
         assert resp.headers["x-api-version"] == "v1", (verb, path)
         if resp.status == 404:

@@ -312,7 +312,6 @@ async def test_message_limits(channel) -> None:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(
     ("module", "service", "method", "request_type"),
     [
-        ("soma.keys.v1.keys_pb2", "soma.keys.v1.KeysService", "ListApiKeys", "ListApiKeysRequest"),
         (
             "soma.audit.v1.audit_pb2",
             "soma.audit.v1.AuditService",

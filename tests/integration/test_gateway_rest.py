@@ -16,7 +16,13 @@ pytestmark = pytest.mark.integration
 
 
 def rest(mesh: MeshRunner, method: str, path: str, body=None, **kw):  # type: ignore[no-untyped-def]
-    return http_request(mesh.port, method, path, body, **kw)
+    """A REST call with the admin key (x-api-key), unless headers say otherwise."""
+    headers = {"x-api-key": mesh.admin_key, **kw.pop("headers", {})}
+    return http_request(mesh.port, method, path, body, headers=headers, **kw)
+
+
+def web(mesh: MeshRunner, path: str, message: bytes):  # type: ignore[no-untyped-def]
+    return grpc_web_call(mesh.port, path, message, mesh.admin_key)
 
 
 def wait_for_agent_reply(mesh: MeshRunner, session: str, timeout: float = 20.0) -> dict:
@@ -128,15 +134,15 @@ def test_legacy_alias(mesh: MeshRunner) -> None:
 
 def test_session_lifecycle_over_grpc_web(mesh: MeshRunner) -> None:
     base = "/soma.gateway.v1.GatewayService"
-    status, [raw], trailers = grpc_web_call(
-        mesh.port,
+    status, [raw], trailers = web(
+        mesh,
         f"{base}/CreateSession",
         g.CreateSessionRequest(session=pb.Session(display_name="web")).SerializeToString(),
     )
     assert status == 200 and trailers["grpc-status"] == "0"
     session = pb.Session.FromString(raw)
-    _, [raw], trailers = grpc_web_call(
-        mesh.port,
+    _, [raw], trailers = web(
+        mesh,
         f"{base}/SendMessage",
         g.SendMessageRequest(
             parent=session.name, message=pb.Message(content="web hi")
@@ -144,14 +150,14 @@ def test_session_lifecycle_over_grpc_web(mesh: MeshRunner) -> None:
     )
     assert trailers["grpc-status"] == "0" and pb.Message.FromString(raw).content == "web hi"
     wait_for_agent_reply(mesh, session.name)
-    _, [raw], _ = grpc_web_call(
-        mesh.port,
+    _, [raw], _ = web(
+        mesh,
         f"{base}/CloseSession",
         g.CloseSessionRequest(name=session.name).SerializeToString(),
     )
     assert pb.Session.FromString(raw).state == pb.SESSION_STATE_CLOSED
-    _, events, trailers = grpc_web_call(
-        mesh.port,
+    _, events, trailers = web(
+        mesh,
         f"{base}/StreamSessionEvents",
         g.StreamSessionEventsRequest(
             session=session.name, stop_when_closed=True
@@ -159,8 +165,8 @@ def test_session_lifecycle_over_grpc_web(mesh: MeshRunner) -> None:
     )
     assert trailers["grpc-status"] == "0"
     assert [pb.SessionEvent.FromString(e).sequence for e in events] == [1, 2, 3, 4]
-    status, _, trailers = grpc_web_call(
-        mesh.port,
+    status, _, trailers = web(
+        mesh,
         f"{base}/GetSession",
         g.GetSessionRequest(name=f"sessions/{uuid.UUID(int=3)}").SerializeToString(),
     )
@@ -168,7 +174,7 @@ def test_session_lifecycle_over_grpc_web(mesh: MeshRunner) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["/v1/keys", "/v1/auditEvents:tail", "/v1/auditEvents:export", "/v1/capsules"]
+    "path", ["/v1/auditEvents", "/v1/auditEvents:tail", "/v1/auditEvents:export", "/v1/capsules"]
 )
 def test_later_services_answer_501_over_rest(mesh: MeshRunner, path: str) -> None:
     resp = rest(mesh, "GET", path)

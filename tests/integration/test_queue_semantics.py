@@ -7,7 +7,6 @@ import uuid
 from pathlib import Path
 
 import asyncpg
-import grpc
 import nats
 import pytest
 
@@ -16,7 +15,7 @@ from services.gateway import queue
 from soma.gateway.v1 import gateway_pb2 as g
 from soma.gateway.v1 import gateway_pb2_grpc
 from soma.gateway.v1 import resources_pb2 as pb
-from tests.integration.harness import MeshRunner
+from tests.integration.harness import MeshRunner, authed_channel
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +24,7 @@ async def test_redelivered_message_is_answered_once(mesh: MeshRunner) -> None:
     """A worker that crashed after publishing its reply but before acking sees the message
     again; the reply's Nats-Msg-Id and the Gateway's idempotent store keep one answer."""
     state = mesh.state() or {}
-    async with grpc.aio.insecure_channel(mesh.grpc_target) as channel:
+    async with authed_channel(mesh.grpc_target, mesh.admin_key) as channel:
         gw = gateway_pb2_grpc.GatewayServiceStub(channel)
         session = await gw.CreateSession(g.CreateSessionRequest(session=pb.Session()))
         sent = await gw.SendMessage(

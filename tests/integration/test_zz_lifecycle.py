@@ -14,7 +14,7 @@ import pytest
 from soma.gateway.v1 import gateway_pb2 as g
 from soma.gateway.v1 import gateway_pb2_grpc
 from soma.gateway.v1 import resources_pb2 as pb
-from tests.integration.harness import MeshRunner
+from tests.integration.harness import MeshRunner, authed_channel
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +49,7 @@ async def test_sigterm_drains_a_replica_without_failing_calls(mesh: MeshRunner) 
             except grpc.aio.AioRpcError as error:
                 failures.append(f"{error.code().name}: {error.details()}")
 
-    async with grpc.aio.insecure_channel(mesh.grpc_target) as channel:
+    async with authed_channel(mesh.grpc_target, mesh.admin_key) as channel:
         # A stream open on the replica being drained ends cleanly and can be resumed.
         tasks = [asyncio.ensure_future(client(channel)) for _ in range(6)]
         await asyncio.sleep(1.0)
@@ -65,7 +65,7 @@ async def test_sigterm_drains_a_replica_without_failing_calls(mesh: MeshRunner) 
 async def test_message_sent_while_nats_is_frozen_is_delivered_later(mesh: MeshRunner) -> None:
     """Nothing acknowledged is lost: a message accepted while JetStream cannot be reached waits
     in the outbox and is published (once) when NATS answers again."""
-    async with grpc.aio.insecure_channel(mesh.grpc_target) as channel:
+    async with authed_channel(mesh.grpc_target, mesh.admin_key) as channel:
         gw = gateway_pb2_grpc.GatewayServiceStub(channel)
         session = await gw.CreateSession(g.CreateSessionRequest(session=pb.Session()))
         nats_pid = mesh.part("nats")["pid"]
@@ -104,7 +104,7 @@ async def test_message_sent_while_nats_is_frozen_is_delivered_later(mesh: MeshRu
 
 
 async def test_restart_keeps_sessions_and_leaves_no_process(mesh: MeshRunner) -> None:
-    async with grpc.aio.insecure_channel(mesh.grpc_target) as channel:
+    async with authed_channel(mesh.grpc_target, mesh.admin_key) as channel:
         gw = gateway_pb2_grpc.GatewayServiceStub(channel)
         session = await gw.CreateSession(
             g.CreateSessionRequest(session=pb.Session(display_name="keep"))
@@ -130,7 +130,7 @@ async def test_restart_keeps_sessions_and_leaves_no_process(mesh: MeshRunner) ->
     assert alive == [], f"left running after stop: {alive}"
 
     mesh.start()
-    async with grpc.aio.insecure_channel(mesh.grpc_target) as channel:
+    async with authed_channel(mesh.grpc_target, mesh.admin_key) as channel:
         gw = gateway_pb2_grpc.GatewayServiceStub(channel)
         again = await gw.GetSession(g.GetSessionRequest(name=session.name))
         assert again.display_name == "keep" and again.message_count == 2
