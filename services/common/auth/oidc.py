@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import urllib.request
 from collections.abc import Mapping
 from typing import Any
@@ -17,7 +16,8 @@ from typing import Any
 import asyncpg
 
 from services.common.auth.jwt_verify import JwtVerifier, KeySet, invalid
-from services.common.auth.principal import ROLES, Principal
+from services.common.auth.principal import Principal
+from services.common.auth.relations import RelationStore
 from services.common.auth.settings import OidcConfig
 
 ROLES_TTL_SECONDS = 10.0
@@ -44,31 +44,14 @@ class OidcAuthenticator:
         keys = KeySet(http_jwks(config.jwks_url), allowed_algs=("ES256", "RS256", "PS256"))
         # ID-token style `typ: JWT` or none is common among providers: not pinned here.
         self.verifier = JwtVerifier(keys, config.issuer, config.audience, leeway, types=None)
-        self._roles: dict[tuple[str, str], tuple[float, frozenset[str]]] = {}
+        self._relations = RelationStore(pool, ttl=ROLES_TTL_SECONDS)
 
     async def roles_of(self, subject: str, tenant: str) -> frozenset[str]:
-        cached = self._roles.get((subject, tenant))
-        if cached is not None and time.monotonic() - cached[0] < ROLES_TTL_SECONDS:
-            return cached[1]
-        rows = await self._pool.fetch(
-            "SELECT relation, object FROM auth_role_bindings "
-            "WHERE subject = $1 AND object = ANY($2::text[])",
-            subject,
-            [f"tenant:{tenant}", "platform:soma"],
-        )
-        roles = set()
-        for row in rows:
-            if row["object"] == "platform:soma":
-                if row["relation"] == "admin":
-                    roles.add("platform_admin")
-            elif row["relation"] in ROLES:
-                roles.add(row["relation"])
-        result = frozenset(roles)
-        self._roles[(subject, tenant)] = (time.monotonic(), result)
-        return result
+        # One reading of the relationship tuples for the whole mesh: the RelationStore's.
+        return await self._relations.roles_of(subject, tenant)
 
     def forget(self) -> None:
-        self._roles.clear()
+        self._relations.invalidate()
 
     async def verify(self, token: str) -> Principal:
         claims, kid = await self.verifier.verify(token)
