@@ -204,3 +204,23 @@ def merge_summaries(summaries: Sequence[H2loadSummary]) -> H2loadSummary:
             if name not in ("elapsed_s", "rps")
         },
     )
+
+
+def bearer_header(credential: str) -> str:
+    """The h2load `-H` value that sends an API key or a JWT the way our authn reads it."""
+    return f"authorization: Bearer {credential}"
+
+
+def redact(argv: Sequence[str], secrets: dict[str, str]) -> list[str]:
+    """The argv with every secret replaced by its placeholder, for logs and saved reports.
+
+    Commands are kept in results/ so they can be re-run; a key or token must not be kept with
+    them (put yours back in place of `<api key>` / `<jwt>`).
+    """
+    out = []
+    for arg in argv:
+        for secret, placeholder in secrets.items():
+            if secret:
+                arg = arg.replace(secret, placeholder)
+        out.append(arg)
+    return out

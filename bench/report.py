@@ -233,3 +233,40 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or not denominator:
         return None
     return round(numerator / denominator, 3)
+
+
+RATIO_KEYS = ("rps", "p50_ms", "p99_ms")
+
+
+def ratios(
+    rows: Mapping[str, Mapping[str, Any]], pairs: Mapping[str, tuple[str, str]]
+) -> dict[str, dict[str, float | None]]:
+    """`label -> {rps, p50_ms, p99_ms}` of first / second, for the pairs whose cases both ran."""
+    return {
+        label: {key: ratio(rows[a][key], rows[b][key]) for key in RATIO_KEYS}
+        for label, (a, b) in pairs.items()
+        if a in rows and b in rows
+    }
+
+
+def target_verdicts(
+    rows: Mapping[str, Mapping[str, Any]],
+    pairs: Mapping[str, tuple[str, str]],
+    labels: Sequence[str],
+    target: float,
+) -> dict[str, str]:
+    """For each labelled pair that ran: whether first/second req/s reaches `target`, and if not,
+    by how much it misses (in points of the second case's rate). Unrounded: 0.8998 misses 0.9."""
+    out: dict[str, str] = {}
+    for label in labels:
+        a, b = pairs[label]
+        if a not in rows or b not in rows or not rows[b].get("rps"):
+            continue
+        value = rows[a]["rps"] / rows[b]["rps"]
+        if value >= target:
+            out[label] = f"met ({value:.2%} >= {target:.0%})"
+        else:
+            out[label] = (
+                f"MISSED by {(target - value) * 100:.2f} points ({value:.2%} < {target:.0%})"
+            )
+    return out

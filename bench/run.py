@@ -1,18 +1,24 @@
-"""Benchmark a Gateway unary read (GetSession) with h2load: direct, Envoy, REST, bare grpcio.
+"""Benchmark Gateway unary reads with h2load: direct, Envoy, REST, bare grpcio, authenticated
+(API key, JWT) against public calls.
 
     python bench/run.py [--requests N] [--concurrency C] [--streams M] [--duration S]
-                        [--state PATH] [--cases a,b] [-v]
+                        [--state PATH [--api-key KEY]] [--cases a,b] [-v]
 
 Without --state it starts its own mesh (`python -m services.mesh up --replicas 1` on free
 loopback ports, data under /tmp) and stops it at the end; with --state it uses the mesh whose
-`run/state.json` is given. It creates one session, then measures, one case after another with
-the same h2load parameters:
+`run/state.json` is given. It makes an API key (`python -m services.mesh admin create-key`;
+with --state, --api-key or SOMA_API_KEY instead if given), exchanges it for a JWT (IssueToken),
+creates one session, then measures, one case after another with the same h2load parameters:
 
-    grpc-direct    gRPC (h2c) straight to gateway-0
-    grpc-envoy     gRPC through Envoy's listener
-    rest-envoy-h2  REST `GET /v1/sessions/<id>` through Envoy (transcoder), HTTP/2 cleartext
-    rest-envoy-h1  the same over HTTP/1.1
-    grpc-bare      a bare grpc.aio server answering a constant Session (bench/bare_server.py)
+    grpc-direct        gRPC (h2c) GetSession straight to gateway-0, API key
+    grpc-envoy         gRPC GetSession through Envoy's listener, API key
+    rest-envoy-h2      REST `GET /v1/sessions/<id>` through Envoy (transcoder), h2c, API key
+    rest-envoy-h1      the same over HTTP/1.1
+    grpc-bare          a bare grpc.aio server answering a constant Session (bench/bare_server.py)
+    health-envoy       gRPC GetHealth through Envoy, public, no credential (pings Postgres)
+    version-envoy      gRPC GetVersion through Envoy, public, no credential, no I/O
+    grpc-envoy-apikey  = grpc-envoy (API key), under its issue-3 name
+    grpc-envoy-jwt     gRPC GetSession through Envoy with a JWT from IssueToken
 
 Prints a table and the ratios, and writes ghz-shaped JSON per case plus summary.json to
 bench/results/<timestamp>/. README.md in this directory explains the numbers.
@@ -38,7 +44,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -52,27 +58,54 @@ from bench.h2load import (
     H2loadSummary,
     LoadShape,
     LogEntry,
+    bearer_header,
     build_command,
     grpc_frame,
     merge_summaries,
     parse_log,
     parse_output,
+    redact,
 )
-from bench.report import CaseResult, ghz_report, ratio, summary_row
+from bench.report import CaseResult, ghz_report, ratios, summary_row, target_verdicts
 
 try:
     from soma.gateway.v1 import gateway_pb2, gateway_pb2_grpc, resources_pb2
+    from soma.keys.v1 import keys_pb2, keys_pb2_grpc
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "gen" / "python"))
     from soma.gateway.v1 import gateway_pb2, gateway_pb2_grpc, resources_pb2
+    from soma.keys.v1 import keys_pb2, keys_pb2_grpc
+from google.protobuf import duration_pb2
+from google.protobuf.message import Message
 
 logger = logging.getLogger("bench")
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-METHOD = "soma.gateway.v1.GatewayService.GetSession"
-GRPC_PATH = "/soma.gateway.v1.GatewayService/GetSession"
-CASE_NAMES = ("grpc-direct", "grpc-envoy", "rest-envoy-h2", "rest-envoy-h1", "grpc-bare")
+GATEWAY = "soma.gateway.v1.GatewayService"
+METHODS = ("GetSession", "GetHealth", "GetVersion")  # the unary reads measured
+CASE_NAMES = (
+    "grpc-direct", "grpc-envoy", "rest-envoy-h2", "rest-envoy-h1", "grpc-bare",
+    "health-envoy", "version-envoy", "grpc-envoy-apikey", "grpc-envoy-jwt",
+)  # fmt: skip
+TOKEN_TTL_S = 3600  # IssueToken's maximum; a run is minutes
+
+# first / second; req/s and p50/p99 of both come from the same run
+RATIO_PAIRS = {
+    "envoy/direct (gRPC)": ("grpc-envoy", "grpc-direct"),
+    "rest-h2/grpc through Envoy": ("rest-envoy-h2", "grpc-envoy"),
+    "rest-h1/grpc through Envoy": ("rest-envoy-h1", "grpc-envoy"),
+    "direct/bare-grpcio": ("grpc-direct", "grpc-bare"),
+    "apikey/health": ("grpc-envoy-apikey", "health-envoy"),
+    "jwt/health": ("grpc-envoy-jwt", "health-envoy"),
+    "apikey/version": ("grpc-envoy-apikey", "version-envoy"),
+    "jwt/version": ("grpc-envoy-jwt", "version-envoy"),
+    "jwt/apikey": ("grpc-envoy-jwt", "grpc-envoy-apikey"),
+    "health/version": ("health-envoy", "version-envoy"),
+}
+# Issue 3's target: the authenticated read at >= 90% of the health call's rate.
+TARGET = 0.9
+TARGET_LABELS = ("apikey/health", "jwt/health")
 
 
 class BenchError(Exception):
@@ -86,11 +119,23 @@ class Case:
     host: str  # host:port the load goes to
     rest: bool = False
     http1: bool = False
+    method: str = "GetSession"  # a GatewayService method with an empty or `name` request
+    bearer: str | None = field(default=None, repr=False)  # API key or JWT; None: public call
+    credential: str = "API key"  # what `bearer` is, for the reports
 
     def url(self, session_name: str) -> str:
         if self.rest:
             return f"http://{self.host}/v1/{session_name}"
-        return f"http://{self.host}{GRPC_PATH}"
+        return f"http://{self.host}/{GATEWAY}/{self.method}"
+
+    @property
+    def metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.bearer}")] if self.bearer else []
+
+    @property
+    def headers(self) -> tuple[str, ...]:
+        grpc_headers = () if self.rest else GRPC_HEADERS
+        return grpc_headers + ((bearer_header(self.bearer),) if self.bearer else ())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +297,49 @@ def part_address(state: dict[str, Any], name: str) -> str:
 # real calls: the session, and the per-case check that h2load's 2xx are real successes
 
 
-def create_session(listener: str, timeout: float = 30.0) -> resources_pb2.Session:
+def create_api_key(data_dir: Path, timeout: float = 60.0) -> str:
+    """A fresh admin key for the bench, straight from the mesh's data dir (its secret text)."""
+    argv = [
+        sys.executable, "-m", "services.mesh", "admin", "create-key",
+        "--data-dir", str(data_dir), "--json", "--role", "admin", "--name", "bench",
+    ]  # fmt: skip
+    logger.info("creating an API key: %s", shlex.join(argv))
+    try:
+        done = subprocess.run(
+            argv, cwd=ROOT, env=_child_env(), capture_output=True, text=True, timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"admin create-key did not finish in {timeout:.0f}s") from exc
+    if done.returncode != 0:
+        raise BenchError(f"admin create-key exited with {done.returncode}: {done.stderr[-500:]}")
+    try:
+        secret = str(json.loads(done.stdout)["secret"])
+    except (ValueError, KeyError) as exc:
+        raise BenchError(f"admin create-key printed no secret: {done.stdout[:200]!r}") from exc
+    if not secret.startswith("soma_"):
+        raise BenchError("admin create-key's secret is not an API key (soma_...)")
+    return secret
+
+
+def issue_token(listener: str, api_key: str) -> str:
+    """A JWT for the key, from the public IssueToken through Envoy."""
+    request = keys_pb2.IssueTokenRequest(
+        api_key=api_key, ttl=duration_pb2.Duration(seconds=TOKEN_TTL_S)
+    )
+    with grpc.insecure_channel(listener) as channel:
+        try:
+            reply = keys_pb2_grpc.KeysServiceStub(channel).IssueToken(request, timeout=10)
+        except grpc.RpcError as exc:
+            raise BenchError(
+                f"IssueToken via {listener}: {exc.code().name} {exc.details()}"
+            ) from exc
+    if not reply.access_token:
+        raise BenchError("IssueToken returned no access_token")
+    return str(reply.access_token)
+
+
+def create_session(listener: str, api_key: str, timeout: float = 30.0) -> resources_pb2.Session:
     request = gateway_pb2.CreateSessionRequest(
         session=resources_pb2.Session(display_name="bench", labels={"bench": "get-session"}),
         request_id=str(uuid.uuid4()),
@@ -263,7 +350,9 @@ def create_session(listener: str, timeout: float = 30.0) -> resources_pb2.Sessio
         while True:
             try:
                 # The same request_id makes a retry return the first session.
-                return stub.CreateSession(request, timeout=10)
+                return stub.CreateSession(
+                    request, timeout=10, metadata=[("authorization", f"Bearer {api_key}")]
+                )
             except grpc.RpcError as exc:
                 if time.monotonic() > deadline or exc.code() not in (
                     grpc.StatusCode.UNAVAILABLE,
@@ -273,24 +362,54 @@ def create_session(listener: str, timeout: float = 30.0) -> resources_pb2.Sessio
                 time.sleep(0.5)
 
 
-def check_grpc(host: str, session_name: str) -> int:
-    """One real GetSession call; returns the bytes of its response body (the gRPC frame)."""
-    with grpc.insecure_channel(host) as channel:
-        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+def grpc_request(method: str, session_name: str) -> Message:
+    if method == "GetSession":
+        return gateway_pb2.GetSessionRequest(name=session_name)
+    if method == "GetHealth":
+        return gateway_pb2.GetHealthRequest()
+    if method == "GetVersion":
+        return gateway_pb2.GetVersionRequest()
+    raise ValueError(f"unknown method {method}")
+
+
+def reply_problem(method: str, reply: Message, session_name: str) -> str | None:
+    """Why a reply is not the good one (None when it is): the load must measure successes."""
+    if isinstance(reply, resources_pb2.Session) and reply.name != session_name:
+        return f"returned {reply.name!r}, not {session_name!r}"
+    if (
+        isinstance(reply, resources_pb2.Health)
+        and reply.status != resources_pb2.Health.STATUS_SERVING
+    ):
+        return f"health is {resources_pb2.Health.Status.Name(reply.status)}"
+    if not reply.ByteSize():
+        return "returned an empty reply"
+    return None
+
+
+def check_grpc(case: Case, session_name: str) -> int:
+    """One real call of the case's method; returns the bytes of its response body (the frame)."""
+    with grpc.insecure_channel(case.host) as channel:
+        call = getattr(gateway_pb2_grpc.GatewayServiceStub(channel), case.method)
         try:
-            reply = stub.GetSession(gateway_pb2.GetSessionRequest(name=session_name), timeout=10)
+            reply = call(
+                grpc_request(case.method, session_name), timeout=10, metadata=case.metadata
+            )
         except grpc.RpcError as exc:
-            raise BenchError(f"GetSession via {host}: {exc.code().name} {exc.details()}") from exc
-    if reply.name != session_name:
-        raise BenchError(f"GetSession via {host} returned {reply.name!r}, not {session_name!r}")
+            raise BenchError(
+                f"{case.method} via {case.host}: {exc.code().name} {exc.details()}"
+            ) from exc
+    problem = reply_problem(case.method, reply, session_name)
+    if problem:
+        raise BenchError(f"{case.method} via {case.host} {problem}")
     return len(grpc_frame(reply.SerializeToString()))
 
 
-def check_rest(host: str, session_name: str) -> int:
+def check_rest(case: Case, session_name: str) -> int:
     """One real `GET /v1/sessions/<id>` (HTTP/1.1); returns the bytes of the JSON body."""
-    url = f"http://{host}/v1/{session_name}"
+    url = case.url(session_name)
+    request = urllib.request.Request(url, headers=dict(case.metadata))
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10) as response:
             body = response.read()
             status = response.status
     except OSError as exc:
@@ -311,11 +430,17 @@ class Settings:
     case_timeout: float
     verbose: bool
     h2load: str
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)  # secret -> placeholder
+
+    def shown(self, argv: list[str]) -> str:
+        """The command as logs and reports show it: no key or token in it."""
+        return shlex.join(redact(argv, self.secrets))
 
 
-def run_h2load(argv: list[str], timeout: float, verbose: bool) -> str:
-    if verbose:
-        print(f"$ {shlex.join(argv)}", flush=True)
+def run_h2load(argv: list[str], settings: Settings, timeout: float | None = None) -> str:
+    timeout = settings.case_timeout if timeout is None else timeout
+    if settings.verbose:
+        print(f"$ {settings.shown(argv)}", flush=True)
     try:
         done = subprocess.run(
             argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
@@ -338,14 +463,20 @@ class Round:
     check_after: str
 
 
-def h2load_options(case: Case, frame_file: Path, settings: Settings) -> dict[str, Any]:
-    options: dict[str, Any] = {"http1": case.http1, "h2load": settings.h2load}
+def frame_path(out_dir: Path, method: str) -> Path:
+    return out_dir / f"{method}Request.grpc"
+
+
+def h2load_options(case: Case, out_dir: Path, settings: Settings) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "http1": case.http1, "h2load": settings.h2load, "headers": case.headers,
+    }  # fmt: skip
     if not case.rest:
-        options |= {"data_file": str(frame_file), "headers": GRPC_HEADERS}
+        options["data_file"] = str(frame_path(out_dir, case.method))
     return options
 
 
-def checker(case: Case) -> Callable[[str, str], int]:
+def checker(case: Case) -> Callable[[Case, str], int]:
     return check_rest if case.rest else check_grpc
 
 
@@ -353,32 +484,31 @@ def run_round(
     case: Case,
     number: int,
     session: resources_pb2.Session,
-    frame_file: Path,
     workdir: Path,
     out_dir: Path,
     settings: Settings,
 ) -> Round:
     """A real call (fails loudly if the path does not work), a warm-up, the measured run."""
     check = checker(case)
-    expected = check(case.host, session.name)
-    options = h2load_options(case, frame_file, settings)
+    expected = check(case, session.name)
+    options = h2load_options(case, out_dir, settings)
     url = case.url(session.name)
     if settings.warmup > 0:
         warm = build_command(url, settings.shape, requests=settings.warmup, **options)
-        warm_summary = parse_output(run_h2load(warm, settings.case_timeout, settings.verbose))
+        warm_summary = parse_output(run_h2load(warm, settings))
         if warm_summary.succeeded < warm_summary.done:
             logger.warning("%s: warm-up had %d non-2xx", case.name, warm_summary.failed)
     log_file = workdir / f"{case.name}.{number}.log"
     argv = build_command(url, settings.shape, log_file=str(log_file), **options)
-    output = run_h2load(argv, settings.case_timeout, settings.verbose)
+    output = run_h2load(argv, settings)
     text_file = out_dir / f"{case.name}.round{number}.h2load.txt"
-    text_file.write_text(f"$ {shlex.join(argv)}\n{output}")
+    text_file.write_text(f"$ {settings.shown(argv)}\n{output}")
     summary = parse_output(output)
     with log_file.open() as lines:
         entries = parse_log(lines)
     log_file.unlink()
     try:
-        check(case.host, session.name)
+        check(case, session.name)
         after = "ok"
     except BenchError as exc:
         after = f"FAILED: {exc}"
@@ -388,18 +518,18 @@ def run_round(
 
 
 def prime(
-    case: Case, session: resources_pb2.Session, frame_file: Path, settings: Settings, n: int
+    case: Case, session: resources_pb2.Session, out_dir: Path, settings: Settings, n: int
 ) -> None:
     """Load a freshly started path once before anything is measured (its first seconds are
     measurably slower: connection pools, caches)."""
-    checker(case)(case.host, session.name)
+    checker(case)(case, session.name)
     argv = build_command(
         case.url(session.name),
         settings.shape,
         requests=n,
-        **h2load_options(case, frame_file, settings),
+        **h2load_options(case, out_dir, settings),
     )
-    run_h2load(argv, settings.case_timeout, settings.verbose)
+    run_h2load(argv, settings)
 
 
 def combine(
@@ -412,7 +542,7 @@ def combine(
     per_round = [len(r.entries) / r.summary.elapsed_s for r in rounds]
     return CaseResult(
         name=case.name,
-        call=METHOD,
+        call=f"{GATEWAY}.{case.method}",
         host=case.host,
         # ghz's total/duration: what the whole case got, over all rounds
         shape=replace(
@@ -424,13 +554,14 @@ def combine(
         entries=[e for r in rounds for e in r.entries],
         # Every round checked the same bytes; a differing one would show as short bodies.
         expected_body_bytes=min(r.expected_body_bytes for r in rounds),
-        data={"name": session.name},
+        data={"name": session.name} if case.method == "GetSession" else {},
         tags={
             **tags,
             "case": case.title,
             "request": f"GET {url}" if case.rest else f"POST {url} (gRPC frame)",
+            "credential": case.credential if case.bearer else "none (public method)",
             "protocol": "HTTP/1.1" if case.http1 else "HTTP/2 cleartext (h2c)",
-            "command": shlex.join(rounds[-1].argv),
+            "command": settings.shown(rounds[-1].argv),
             "rounds": str(len(rounds)),
             "rps_per_round": ", ".join(f"{x:.1f}" for x in per_round),
             "check_before": "ok",
@@ -445,34 +576,22 @@ def combine(
 # output
 
 
-def ratios(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    pairs = {
-        "envoy/direct (gRPC)": ("grpc-envoy", "grpc-direct"),
-        "rest-h2/grpc through Envoy": ("rest-envoy-h2", "grpc-envoy"),
-        "rest-h1/grpc through Envoy": ("rest-envoy-h1", "grpc-envoy"),
-        "direct/bare-grpcio": ("grpc-direct", "grpc-bare"),
-    }
-    out: dict[str, dict[str, float | None]] = {}
-    for label, (a, b) in pairs.items():
-        if a in rows and b in rows:
-            out[label] = {
-                key: ratio(rows[a][key], rows[b][key]) for key in ("rps", "p50_ms", "p99_ms")
-            }
-    return out
-
-
 def format_table(cases: dict[str, Case], rows: dict[str, dict[str, Any]]) -> str:
     def num(value: float | None, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
-    header = f"{'case':<15}{'target':<31}{'req/s':>7}{'(rounds)':>14}"
+    spreads = {
+        name: "/".join(f"{x:.0f}" for x in row.get("rps_rounds", [])) for name, row in rows.items()
+    }
+    wide = max([12, *(len(s) for s in spreads.values())]) + 2  # many rounds: a wider column
+    header = f"{'case':<19}{'target':<31}{'req/s':>7}{'(rounds)':>{wide}}"
     header += f"{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
     lines = [header + f"{'errors':>8}  status codes"]
     for name, row in rows.items():
         codes = ", ".join(f"{n} {k}" for k, n in row["status_codes"].items() if n) or "none"
-        spread = "/".join(f"{x:.0f}" for x in row.get("rps_rounds", []))
         lines.append(
-            f"{name:<15}{cases[name].title[:30]:<31}{num(row['rps'], '.0f'):>7}{spread:>14}"
+            f"{name:<19}{cases[name].title[:30]:<31}{num(row['rps'], '.0f'):>7}"
+            f"{spreads[name]:>{wide}}"
             f"{num(row['p50_ms'], '.2f'):>9}{num(row['p90_ms'], '.2f'):>9}"
             f"{num(row['p99_ms'], '.2f'):>9}{row['errors']:>8}  {codes}"
         )
@@ -487,6 +606,12 @@ def format_ratios(values: dict[str, dict[str, float | None]]) -> str:
     for label, r in values.items():
         rps, p50, p99 = x(r["rps"]), x(r["p50_ms"]), x(r["p99_ms"])
         lines.append(f"  {label:<28} req/s {rps:<7} p50 {p50:<7} p99 {p99}")
+    return "\n".join(lines)
+
+
+def format_verdicts(verdicts: dict[str, str]) -> str:
+    lines = [f"issue 3 target: authenticated read >= {TARGET:.0%} of the health call's req/s"]
+    lines += [f"  {label:<28} {text}" for label, text in verdicts.items()]
     return "\n".join(lines)
 
 
@@ -509,6 +634,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--prime", type=int, default=10_000, help="requests to prime the servers first"
     )
     parser.add_argument("--state", type=Path, help="use the running mesh of this state.json")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("SOMA_API_KEY"),
+        help="with --state: the key to use (default $SOMA_API_KEY, else one is created with "
+        "`admin create-key` in the state file's data dir)",
+    )
     parser.add_argument("--replica", default="gateway-0", help="part measured directly")
     parser.add_argument(
         "--cases", default=",".join(CASE_NAMES), help=f"comma-separated subset of {CASE_NAMES}"
@@ -596,28 +727,65 @@ def bench(args: argparse.Namespace, h2load: str, workdir: Path) -> int:
             state = mesh.start(args.mesh_timeout)
         listener = str(state["listener"])
         direct = part_address(state, args.replica)
-        session = create_session(listener)
+        if mesh is None and args.api_key:
+            api_key = str(args.api_key)
+        else:  # <data dir>/run/state.json
+            data_dir = mesh.data_dir if mesh else args.state.resolve().parent.parent
+            api_key = create_api_key(data_dir)
+        jwt = issue_token(listener, api_key)
+        settings = replace(settings, secrets={api_key: "<api key>", jwt: "<jwt>"})
+        session = create_session(listener, api_key)
         logger.info("session %s; Envoy %s, %s %s", session.name, listener, args.replica, direct)
-        frame = grpc_frame(gateway_pb2.GetSessionRequest(name=session.name).SerializeToString())
-        frame_file = out_dir / "GetSessionRequest.grpc"
-        frame_file.write_bytes(frame)
+        for method in METHODS:
+            request = grpc_request(method, session.name)
+            frame_path(out_dir, method).write_bytes(grpc_frame(request.SerializeToString()))
         cases |= {
-            "grpc-direct": Case("grpc-direct", f"gRPC direct to {args.replica}", direct),
-            "grpc-envoy": Case("grpc-envoy", "gRPC through Envoy", listener),
-            "rest-envoy-h2": Case("rest-envoy-h2", "REST through Envoy (h2c)", listener, True),
+            "grpc-direct": Case(
+                "grpc-direct", f"gRPC direct to {args.replica}", direct, bearer=api_key
+            ),
+            "grpc-envoy": Case(
+                "grpc-envoy", "gRPC through Envoy, API key", listener, bearer=api_key
+            ),
+            "rest-envoy-h2": Case(
+                "rest-envoy-h2", "REST through Envoy (h2c)", listener, True, bearer=api_key
+            ),
             "rest-envoy-h1": Case(
-                "rest-envoy-h1", "REST through Envoy (HTTP/1.1)", listener, True, True
+                "rest-envoy-h1",
+                "REST through Envoy (HTTP/1.1)",
+                listener,
+                True,
+                True,
+                bearer=api_key,
+            ),
+            "health-envoy": Case(
+                "health-envoy", "GetHealth via Envoy, public", listener, method="GetHealth"
+            ),
+            "version-envoy": Case(
+                "version-envoy", "GetVersion via Envoy, public", listener, method="GetVersion"
+            ),
+            "grpc-envoy-apikey": Case(
+                "grpc-envoy-apikey", "GetSession via Envoy, API key", listener, bearer=api_key
+            ),
+            "grpc-envoy-jwt": Case(
+                "grpc-envoy-jwt",
+                "GetSession via Envoy, JWT",
+                listener,
+                bearer=jwt,
+                credential="JWT",
             ),
         }
         if "grpc-bare" in args.cases:
             bare = BareServer(session, workdir / "bare-server.log")
-            cases["grpc-bare"] = Case("grpc-bare", "bare grpc.aio, constant reply", bare.start())
+            # The same header as the real read, which the bare server ignores.
+            cases["grpc-bare"] = Case(
+                "grpc-bare", "bare grpc.aio, constant reply", bare.start(), bearer=api_key
+            )
         tags = {"loadgen": version, "mesh": "started by bench/run.py" if mesh else str(args.state)}
         if args.prime > 0:
             for name in ("grpc-envoy", "grpc-bare"):
                 if name in cases and name in args.cases:
                     logger.info("priming %s with %d requests", name, args.prime)
-                    prime(cases[name], session, frame_file, settings, args.prime)
+                    prime(cases[name], session, out_dir, settings, args.prime)
         rounds: dict[str, list[Round]] = {name: [] for name in args.cases}
         for number in range(1, args.rounds + 1):
             # Alternate the order so drift (warming, neighbours) does not favour one case.
@@ -629,8 +797,7 @@ def bench(args: argparse.Namespace, h2load: str, workdir: Path) -> int:
                             cases[name].host)  # fmt: skip
                 try:
                     rounds[name].append(
-                        run_round(cases[name], number, session, frame_file, workdir, out_dir,
-                                  settings)
+                        run_round(cases[name], number, session, workdir, out_dir, settings)
                     )  # fmt: skip
                 except BenchError as exc:
                     failures[name] = str(exc)
@@ -656,7 +823,8 @@ def bench(args: argparse.Namespace, h2load: str, workdir: Path) -> int:
     }
     for name, result in results.items():
         (out_dir / f"{name}.json").write_text(json.dumps(ghz_report(result), indent=2) + "\n")
-    ratio_values = ratios(rows)
+    ratio_values = ratios(rows, RATIO_PAIRS)
+    verdicts = target_verdicts(rows, RATIO_PAIRS, TARGET_LABELS, TARGET)
     summary = {
         "date": started.isoformat(timespec="seconds"),
         "machine": {
@@ -684,13 +852,14 @@ def bench(args: argparse.Namespace, h2load: str, workdir: Path) -> int:
             for name, result in results.items()
         },
         "ratios": ratio_values,
+        "target": {"min_rps_ratio": TARGET, "verdicts": verdicts},
         "failures": failures,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     print()
     print(
-        f"GetSession, {shape.in_flight} in flight ({shape.clients} connections x "
+        f"Gateway unary reads, {shape.in_flight} in flight ({shape.clients} connections x "
         f"{shape.streams} streams), "
         + f"{args.rounds} round(s) x "
         + (f"{shape.duration:g}s" if shape.duration else f"{shape.requests} requests")
@@ -699,6 +868,9 @@ def bench(args: argparse.Namespace, h2load: str, workdir: Path) -> int:
     print(format_table(cases, rows))
     print()
     print(format_ratios(ratio_values))
+    if verdicts:
+        print()
+        print(format_verdicts(verdicts))
     for name, error in failures.items():
         print(f"FAILED {name}: {error}")
     print(f"\nreports: {out_dir}/")

@@ -14,12 +14,14 @@ from bench.h2load import (
     GRPC_HEADERS,
     LoadShape,
     LogEntry,
+    bearer_header,
     build_command,
     grpc_frame,
     merge_summaries,
     missing_bodies,
     parse_log,
     parse_output,
+    redact,
 )
 from bench.report import (
     GHZ_PERCENTILES,
@@ -28,8 +30,10 @@ from bench.report import (
     histogram,
     percentile,
     ratio,
+    ratios,
     rfc3339,
     summary_row,
+    target_verdicts,
 )
 from soma.gateway.v1 import gateway_pb2
 
@@ -275,6 +279,52 @@ def test_summary_row_and_ratio() -> None:
     assert row["errors"] == 10  # h2load's 10 failed (non-2xx and errored)
     assert ratio(2500, 5000) == 0.5
     assert ratio(None, 1) is None and ratio(1, 0) is None
+
+
+def test_ratios_only_for_pairs_that_ran() -> None:
+    rows = {
+        "apikey": {"rps": 2700.0, "p50_ms": 45.0, "p99_ms": 60.0},
+        "health": {"rps": 3000.0, "p50_ms": 40.0, "p99_ms": None},
+    }
+    pairs = {"apikey/health": ("apikey", "health"), "jwt/health": ("jwt", "health")}
+    assert ratios(rows, pairs) == {
+        "apikey/health": {"rps": 0.9, "p50_ms": 1.125, "p99_ms": None},
+    }
+
+
+def test_target_verdicts_say_by_how_much_a_ratio_misses() -> None:
+    rows = {
+        "health": {"rps": 1000.0},
+        "exact": {"rps": 900.0},
+        "borderline": {"rps": 899.8},  # 0.8998: rounds to 0.900 but misses
+        "slow": {"rps": 577.0},
+        "idle": {"rps": 0.0},
+    }
+    pairs = {
+        "exact": ("exact", "health"),
+        "borderline": ("borderline", "health"),
+        "slow": ("slow", "health"),
+        "by-zero": ("slow", "idle"),
+        "missing": ("jwt", "health"),
+    }
+    verdicts = target_verdicts(rows, pairs, list(pairs), 0.9)
+    assert verdicts["exact"] == "met (90.00% >= 90%)"
+    assert verdicts["borderline"] == "MISSED by 0.02 points (89.98% < 90%)"
+    assert verdicts["slow"] == "MISSED by 32.30 points (57.70% < 90%)"
+    assert set(verdicts) == {"exact", "borderline", "slow"}  # not measured: no verdict
+
+
+def test_credentials_go_in_a_header_and_never_in_saved_commands() -> None:
+    key, jwt = "soma_dev_abcdefghijklmnop_secret", "eyJhbGciOi.payload.sig"
+    argv = build_command(
+        "http://h/x", LoadShape(), headers=(*GRPC_HEADERS, bearer_header(key), bearer_header(jwt))
+    )
+    assert "authorization: Bearer " + key in argv
+    shown = redact(argv, {key: "<api key>", jwt: "<jwt>", "": "<never>"})
+    assert key not in " ".join(shown) and jwt not in " ".join(shown)
+    assert shown[shown.index("authorization: Bearer <api key>") - 1] == "-H"
+    assert "authorization: Bearer <jwt>" in shown
+    assert len(shown) == len(argv)
 
 
 def test_rfc3339() -> None:
