@@ -1,4 +1,4 @@
-"""`soma`: manage API keys and tokens of a Soma Mesh through Envoy.
+"""`soma`: manage API keys and tokens of a Soma Mesh through Envoy, and read its audit trail.
 
     soma keys create [--name N] [--role R ...] [--scope S ...] [--expires-in 30d]
                      [--budget N] [--rate-limit N] [--request-id UUID]
@@ -7,6 +7,7 @@
     soma keys revoke KEY [--reason TEXT]
     soma keys rotate KEY [--grace 24h]
     soma token issue [--ttl 10m] [--scope S ...] [--audience AUD]
+    soma audit list|tail|export|verify ...   (see services/client/audit_cli.py)
 
 Every command takes --target (SOMA_TARGET, default 127.0.0.1:8080), --api-key (SOMA_API_KEY;
 prefer the variable: arguments show in `ps`), --token (SOMA_TOKEN), --timeout and --json.
@@ -27,7 +28,7 @@ from typing import TextIO
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from services.client import render
+from services.client import audit_cli, render
 from services.client.durations import parse_duration
 from services.client.errors import ApiError, redact
 from services.client.sdk import DEFAULT_TARGET, DEFAULT_TIMEOUT, ClientConfig, SomaClient
@@ -97,7 +98,9 @@ def _connection_options() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     common = _connection_options()
     parser = argparse.ArgumentParser(
-        prog="soma", description="Manage Soma Mesh API keys and tokens.", parents=[common]
+        prog="soma",
+        description="Manage Soma Mesh API keys and tokens; read the audit trail.",
+        parents=[common],
     )
     groups = parser.add_subparsers(dest="group", required=True)
 
@@ -149,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--ttl", type=_duration, help="lifetime (default 10m, at most 60m)")
     issue.add_argument("--scope", action="append", default=[], help="narrow the token (repeat)")
     issue.add_argument("--audience", default="", help="the token's aud (default: the mesh)")
+
+    audit_cli.add_parser(groups, common)
     return parser
 
 
@@ -290,11 +295,17 @@ async def run(
 ) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
+    if args.group == "audit" and args.verb == "verify":
+        return audit_cli.verify_command(args, out, err)  # offline: no connection, no credential
     config = client_config(args, os.environ if env is None else env)
     try:
         async with SomaClient.from_config(config) as client:
-            commands = Commands(client, bool(getattr(args, "json", False)), out, err)
-            await getattr(commands, f"{args.group}_{args.verb}")(args)
+            as_json = bool(getattr(args, "json", False))
+            if args.group == "audit":
+                await audit_cli.AuditCommands(client, as_json, out, err).dispatch(args)
+            else:
+                commands = Commands(client, as_json, out, err)
+                await getattr(commands, f"{args.group}_{args.verb}")(args)
     except grpc.aio.AioRpcError as exc:
         return report(ApiError.from_rpc_error(exc, config.secrets), config, err)
     except UsageError as exc:

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 import asyncpg
 from grpc import aio
 
+from services.common.audit.interceptor import AuditHooks, AuditInterceptor
+from services.common.audit.recorder import AuditRecorder
+from services.common.audit.settings import load_audit_config
 from services.common.auth.authn import Authenticator, AuthnInterceptor
 from services.common.auth.authz import AuthzInterceptor, PolicyEngine, policy_file
 from services.common.auth.settings import load_auth_config
@@ -31,13 +34,24 @@ class Runtime:
     bus: Bus
     auth: Authenticator
     policy: PolicyEngine
+    audit: AuditRecorder | None = None  # None when SOMA_AUDIT=off
 
     def interceptors(self) -> Sequence[aio.ServerInterceptor]:
+        if self.audit is None:
+            return build_interceptors(
+                authn=AuthnInterceptor(self.auth), authz=AuthzInterceptor(self.policy)
+            )
+        hooks = AuditHooks(self.audit)
         return build_interceptors(
-            authn=AuthnInterceptor(self.auth), authz=AuthzInterceptor(self.policy)
+            authn=AuthnInterceptor(self.auth, on_failure=hooks.unauthenticated),
+            authz=AuthzInterceptor(self.policy, on_deny=hooks.denied),
+            audit=AuditInterceptor(self.audit),
         )
 
     async def close(self) -> None:
+        if self.audit is not None:  # before the bus: in-flight events finish or stay in the outbox
+            with contextlib.suppress(Exception):
+                await self.audit.close()
         with contextlib.suppress(Exception):
             await self.auth.close()
         await self.bus.close()
@@ -47,15 +61,26 @@ class Runtime:
 async def open_runtime(config: Config, env: Mapping[str, str], draining: asyncio.Event) -> Runtime:
     database = require_database(config)
     policy = PolicyEngine(policy_file(env))  # a broken policy stops the start, naming the file
+    audit_config = load_audit_config(env)
     pool = await asyncpg.create_pool(database.url, min_size=1, max_size=database.pool_max)
     try:
         bus = await connect(config.nats, config.server.replica)
         try:
-            auth = await Authenticator.open(config, pool, bus, load_auth_config(env))
+            audit = (
+                await AuditRecorder.open(bus, audit_config, config.server.replica)
+                if audit_config.enabled
+                else None
+            )
+            try:
+                auth = await Authenticator.open(config, pool, bus, load_auth_config(env))
+            except BaseException:
+                if audit is not None:
+                    await audit.close()
+                raise
         except BaseException:
             await bus.close()
             raise
     except BaseException:
         await pool.close()
         raise
-    return Runtime(config, draining, pool, bus, auth, policy)
+    return Runtime(config, draining, pool, bus, auth, policy, audit)

@@ -43,6 +43,7 @@ class MeshRunner:
     # every credential the tests made: none of them may appear in any log line
     secrets: list[str] = field(default_factory=list)
     admin_key: str = ""  # an admin key of tenant `default`, made once the mesh is ready
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for every part
 
     @property
     def state_file(self) -> Path:
@@ -76,7 +77,7 @@ class MeshRunner:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, "SOMA_GRACE_SECONDS": "5"},
+            env={**os.environ, "SOMA_GRACE_SECONDS": "5", **self.env},
             start_new_session=True,
         )
         return self.wait_ready()

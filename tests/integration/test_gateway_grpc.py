@@ -313,22 +313,16 @@ async def test_message_limits(channel) -> None:  # type: ignore[no-untyped-def]
     ("module", "service", "method", "request_type"),
     [
         (
-            "soma.audit.v1.audit_pb2",
-            "soma.audit.v1.AuditService",
-            "ListAuditEvents",
-            "ListAuditEventsRequest",
-        ),
-        (
-            "soma.audit.v1.audit_pb2",
-            "soma.audit.v1.AuditService",
-            "TailAuditEvents",
-            "TailAuditEventsRequest",
-        ),
-        (
             "soma.capsule.v1.capsule_pb2",
             "soma.capsule.v1.CapsuleService",
             "ListCapsules",
             "ListCapsulesRequest",
+        ),
+        (  # server streaming
+            "soma.capsule.v1.capsule_pb2",
+            "soma.capsule.v1.CapsuleService",
+            "InstallCapsule",
+            "InstallCapsuleRequest",
         ),
     ],
 )

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -368,23 +368,40 @@ async def verify_api_key(secret: str) -> Principal:
 # -- the interceptor --------------------------------------------------------------------------
 
 
+# on_failure(method, error, context): records a refused credential (the audit recorder).
+FailureHook = Callable[[str, Unauthenticated, aio.ServicerContext], Awaitable[None]]
+
+
 class AuthnInterceptor(WrappingInterceptor):
     """Slot `authn` of build_interceptors: sets `current_principal` for the call. Public
-    methods run without credentials (a credential sent anyway is still verified)."""
+    methods run without credentials (a credential sent anyway is still verified). A refused
+    credential on a non-public method is handed to `on_failure` before the call fails."""
 
     def __init__(
-        self, authenticator: Authenticator, public: Callable[[str], bool] = is_public
+        self,
+        authenticator: Authenticator,
+        public: Callable[[str], bool] = is_public,
+        on_failure: FailureHook | None = None,
     ) -> None:
         super().__init__()
         self._auth = authenticator
         self._public = public
+        self._on_failure = on_failure
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         auth = self._auth
-        find = auth.authenticate_optional if self._public(method) else auth.authenticate
+        public = self._public(method)
+        find = auth.authenticate_optional if public else auth.authenticate
+        on_failure = None if public else self._on_failure
 
         async def principal(context: aio.ServicerContext) -> Principal | None:
-            return await find(context.invocation_metadata() or ())
+            if on_failure is None:
+                return await find(context.invocation_metadata() or ())
+            try:
+                return await find(context.invocation_metadata() or ())
+            except Unauthenticated as error:
+                await on_failure(method, error, context)
+                raise
 
         def around_unary(behavior: UnaryBehavior) -> UnaryBehavior:
             async def call(request: Any, context: aio.ServicerContext) -> Any:

@@ -9,17 +9,21 @@ start-up a broken file is a `PolicyError` naming it.
 
 `AuthzInterceptor` runs after authentication (which sets `current_principal`); public methods
 skip it. A denial is PERMISSION_DENIED with the policy's reason (ErrorInfo `POLICY_DENIED`).
+The decision is left in `current_decision` for the audit interceptor inside it; a denial is
+handed to the optional `on_deny` hook (the audit recorder) before the call is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +64,12 @@ class Decision:
     allow: bool
     reason: str
     cached: bool = False
+
+
+# The decision on the current call, for the audit interceptor (set by AuthzInterceptor).
+current_decision: ContextVar[Decision | None] = ContextVar("current_decision", default=None)
+# on_deny(method, principal, decision, context): records a denial before it is raised.
+DenyHook = Callable[[str, Principal, Decision, aio.ServicerContext], Awaitable[None]]
 
 
 def policy_file(environ: Mapping[str, str]) -> Path:
@@ -231,41 +241,65 @@ class PolicyEngine:
 class AuthzInterceptor(WrappingInterceptor):
     """Slot `authz` of build_interceptors: asks the policy before every non-public call."""
 
-    def __init__(self, engine: PolicyEngine) -> None:
+    def __init__(self, engine: PolicyEngine, on_deny: DenyHook | None = None) -> None:
         super().__init__()
         self.engine = engine
+        self.on_deny = on_deny
 
-    def check(self, method: str) -> None:
+    def decide(self, method: str) -> tuple[Principal, Decision]:
         principal = current_principal.get()
         if principal is None:  # only if the authentication interceptor is missing
             raise Unauthenticated(
                 "missing credentials: send authorization: Bearer <api key or token> or x-api-key",
                 reason="CREDENTIALS_MISSING",
             )
-        decision = self.engine.decide(principal, method)
+        return principal, self.engine.decide(principal, method)
+
+    def check(self, method: str) -> None:
+        principal, decision = self.decide(method)
         if not decision.allow:
-            log.info("denied %s for %s: %s", method, principal.subject, decision.reason)
-            raise PermissionDenied(
-                decision.reason, reason="POLICY_DENIED", metadata={"method": method}
-            )
+            raise self.denied(method, principal, decision)
+
+    @staticmethod
+    def denied(method: str, principal: Principal, decision: Decision) -> PermissionDenied:
+        log.info("denied %s for %s: %s", method, principal.subject, decision.reason)
+        return PermissionDenied(
+            decision.reason, reason="POLICY_DENIED", metadata={"method": method}
+        )
+
+    async def _enter(self, method: str, context: aio.ServicerContext) -> Any:
+        """Decides; on a denial records it (hook) and raises; else returns the var's token."""
+        principal, decision = self.decide(method)
+        if not decision.allow:
+            if self.on_deny is not None:
+                await self.on_deny(method, principal, decision, context)
+            raise self.denied(method, principal, decision)
+        return current_decision.set(decision)
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if is_public(method):
             return handler
-        check = self.check
+        enter = self._enter
 
         def around_unary(behavior: UnaryBehavior) -> UnaryBehavior:
             async def call(request: Any, context: aio.ServicerContext) -> Any:
-                check(method)
-                return await behavior(request, context)
+                token = await enter(method, context)
+                try:
+                    return await behavior(request, context)
+                finally:
+                    current_decision.reset(token)
 
             return call
 
         def around_stream(behavior: StreamBehavior) -> StreamBehavior:
             async def call(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-                check(method)
-                async for response in behavior(request, context):
-                    yield response
+                token = await enter(method, context)
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                finally:
+                    with contextlib.suppress(ValueError):  # closed from another context
+                        current_decision.reset(token)
 
             return call
 
