@@ -18,7 +18,8 @@ from tests.integration.harness import MeshRunner, authed_channel
 def mesh() -> Iterator[MeshRunner]:
     # Not under /root: pgserver makes every parent of its data dir readable (see STACK.md).
     base = Path(tempfile.mkdtemp(prefix="soma-it-", dir="/tmp"))
-    runner = MeshRunner(base / "data")
+    # Every read audited, so the audit tests can count reads too (the default samples 0.1).
+    runner = MeshRunner(base / "data", env={"SOMA_AUDIT_READ_SAMPLE": "1.0"})
     try:
         runner.start()
         runner.admin_key = runner.create_key(tenant="default", roles=("admin",))
