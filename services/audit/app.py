@@ -4,7 +4,6 @@ the servicer."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ from services.common.config import ConfigError
 from services.common.db import migrate
 from services.common.runtime import Runtime
 from services.common.server import ServiceParts
+from services.common.tasks import cancel_and_wait
 from soma.audit.v1 import audit_pb2_grpc
 
 SERVICE_NAME = "soma.audit.v1.AuditService"
@@ -60,10 +60,6 @@ async def open_audit(runtime: Runtime, settings: AuditSettings | None = None) ->
         audit_pb2_grpc.add_AuditServiceServicer_to_server(servicer, server)
 
     async def close() -> None:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(tasks)
 
     return ServiceParts([SERVICE_NAME], register, close)

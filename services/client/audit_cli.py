@@ -26,6 +26,7 @@ from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2
 
 from services.client import render
+from services.client.argtypes import non_negative
 from services.client.durations import parse_duration
 from services.client.sdk import SomaClient
 from soma.audit.v1 import audit_pb2, resources_pb2
@@ -75,16 +76,6 @@ def _moment(text: str) -> datetime:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
-
-
 def _filter_options(parser: argparse.ArgumentParser, *, times: bool, selectors: bool) -> None:
     parser.add_argument(
         "--tenant", default="", help="another tenant's events (platform admins only)"
@@ -112,15 +103,20 @@ def add_parser(
     lst = verbs.add_parser("list", help="list events as a table", parents=[common])
     _filter_options(lst, times=True, selectors=True)
     lst.add_argument("--order", choices=sorted(ORDERS), default="newest")
-    lst.add_argument("--limit", type=_count, default=50, help="at most N events (0 = all)")
+    lst.add_argument("--limit", type=non_negative, default=50, help="at most N events (0 = all)")
 
     tail = verbs.add_parser("tail", help="follow events live, one line each", parents=[common])
     _filter_options(tail, times=False, selectors=True)
     tail.add_argument(
-        "--after-sequence", type=_count, default=0, help="replay events after this sequence first"
+        "--after-sequence",
+        type=non_negative,
+        default=0,
+        help="replay events after this sequence first",
     )
     tail.add_argument("--live-only", action="store_true", help="no replay: only new events")
-    tail.add_argument("--limit", type=_count, default=0, help="stop after N events (0 = never)")
+    tail.add_argument(
+        "--limit", type=non_negative, default=0, help="stop after N events (0 = never)"
+    )
 
     export = verbs.add_parser(
         "export", help="stream an export to stdout (progress on stderr)", parents=[common]

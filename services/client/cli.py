@@ -29,6 +29,7 @@ import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from services.client import audit_cli, render
+from services.client.argtypes import non_negative
 from services.client.durations import parse_duration
 from services.client.errors import ApiError, redact
 from services.client.sdk import DEFAULT_TARGET, DEFAULT_TIMEOUT, ClientConfig, SomaClient
@@ -55,16 +56,6 @@ def _duration(text: str) -> timedelta:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
 
 
 def _connection_options() -> argparse.ArgumentParser:
@@ -117,17 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--scope", action="append", default=[], help="e.g. gateway:read (repeat)")
     create.add_argument("--expires-in", type=_duration, help="lifetime, e.g. 30d, 12h, 1h30m")
     create.add_argument(
-        "--budget", type=_non_negative, default=0, help="total calls allowed (0 = unlimited)"
+        "--budget", type=non_negative, default=0, help="total calls allowed (0 = unlimited)"
     )
     create.add_argument(
-        "--rate-limit", type=_non_negative, default=0, help="calls per minute (0 = no limit)"
+        "--rate-limit", type=non_negative, default=0, help="calls per minute (0 = no limit)"
     )
     create.add_argument("--request-id", default="", help="UUID making the call idempotent")
 
     lst = verbs.add_parser("list", help="list keys, newest first", parents=[common])
     lst.add_argument("--state", choices=sorted(STATES), help="only keys in this state")
     lst.add_argument("--owner", default="", help="only keys of this owner, e.g. user:alice")
-    lst.add_argument("--page-size", type=_non_negative, default=0, help=argparse.SUPPRESS)
+    lst.add_argument("--page-size", type=non_negative, default=0, help=argparse.SUPPRESS)
 
     get = verbs.add_parser("get", help="show one key", parents=[common])
     get.add_argument("key", metavar="KEY")

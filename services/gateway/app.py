@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from grpc import aio
 
 from services.common.db import migrate
 from services.common.runtime import Runtime
 from services.common.server import ServiceParts
+from services.common.tasks import cancel_and_wait
 from services.gateway import queue
 from services.gateway.relay import Publisher, run_reply_ingester
 from services.gateway.servicer import GatewayServicer
@@ -43,10 +43,6 @@ async def open_gateway(runtime: Runtime) -> ServiceParts:
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server)
 
     async def close() -> None:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(tasks)
 
     return ServiceParts([SERVICE_NAME], register, close)
