@@ -65,6 +65,19 @@ async def burst(mesh: MeshRunner, secret: str, total: int, during) -> tuple[int,
     return ok, failed
 
 
+async def list_events(
+    audit: audit_pb2_grpc.AuditServiceStub, token: str
+) -> a.ListAuditEventsResponse:
+    return await audit.ListAuditEvents(
+        a.ListAuditEventsRequest(
+            page_size=500,
+            page_token=token,
+            filter=a.AuditEventFilter(method=CREATE_KEY, decision=apb.AUDIT_DECISION_ALLOW),
+        ),
+        timeout=10,
+    )
+
+
 async def audited_creations(mesh: MeshRunner, secret: str, expected: int, within: float) -> int:
     """Counts the tenant's CreateApiKey events with status OK, waiting for ingest to settle."""
     deadline = time.monotonic() + within
@@ -73,15 +86,15 @@ async def audited_creations(mesh: MeshRunner, secret: str, expected: int, within
         while True:
             seen, token = set(), ""
             while True:
-                page = await audit.ListAuditEvents(
-                    a.ListAuditEventsRequest(
-                        page_size=500,
-                        page_token=token,
-                        filter=a.AuditEventFilter(
-                            method=CREATE_KEY, decision=apb.AUDIT_DECISION_ALLOW
-                        ),
-                    )
-                )
+                try:
+                    page = await list_events(audit, token)
+                except grpc.aio.AioRpcError as error:
+                    # Restarted replicas are healthy to the supervisor a moment before Envoy's
+                    # next health check agrees ("no healthy upstream"): ask again.
+                    if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.5)
+                    continue
                 seen |= {e.name for e in page.audit_events if e.status_code == 0}
                 token = page.next_page_token
                 if not token:
