@@ -11,7 +11,7 @@ import base64
 import binascii
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from services.common.errors import InvalidArgument
@@ -61,3 +61,22 @@ def decode_token(token: str, query: Mapping[str, Any]) -> dict[str, Any] | None:
             field="page_token",
         )
     return position
+
+
+def split_page(rows: Sequence[Mapping[str, Any]], limit: int, key: str) -> tuple[list[Any], Any]:
+    """A page fetched with `LIMIT limit + 1`: the first `limit` rows and the `key` of the last
+    of them when there is a next page (the extra row), else None."""
+    page = list(rows[:limit])
+    return page, (page[-1][key] if len(rows) > limit else None)
+
+
+def decode_pos(token: str, query: Mapping[str, Any]) -> int | None:
+    """The `pos` a token of `encode_pos` carries (the position to continue from), or None for an
+    empty token (the first page)."""
+    position = decode_token(token, query)
+    return int(position["pos"]) if position else None
+
+
+def encode_pos(last_pos: int | None, query: Mapping[str, Any]) -> str:
+    """The next page token after `last_pos`, or "" when there is no next page."""
+    return encode_token({"pos": last_pos}, query) if last_pos is not None else ""

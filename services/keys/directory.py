@@ -12,9 +12,11 @@ from typing import Any
 
 import asyncpg
 
+from services.common import paging
 from services.common.errors import AlreadyExists, FailedPrecondition, NotFound
+from services.common.timestamps import to_timestamp
 from services.keys.rules import PLATFORM_OBJECT
-from services.keys.store import claim_request, ts
+from services.keys.store import claim_request
 from soma.keys.v1 import resources_pb2 as pb
 
 Row = Mapping[str, Any]
@@ -26,8 +28,8 @@ def tenant_from_row(row: Row) -> pb.Tenant:
         tenant=row["id"],
         display_name=row["display_name"],
         enterprise_mode=row["enterprise_mode"],
-        create_time=ts(row["create_time"]),
-        update_time=ts(row["update_time"]),
+        create_time=to_timestamp(row["create_time"]),
+        update_time=to_timestamp(row["update_time"]),
     )
 
 
@@ -39,7 +41,7 @@ def binding_from_row(row: Row) -> pb.RoleBinding:
         relation=row["relation"],
         object=row["object"],
         creator=row.get("creator") or "",
-        create_time=ts(row["create_time"]),
+        create_time=to_timestamp(row["create_time"]),
     )
 
 
@@ -110,9 +112,8 @@ class Directory:
             after_id,
             limit + 1,
         )
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return [tenant_from_row(r) for r in rows], (rows[-1]["id"] if more else None)
+        page, last = paging.split_page(rows, limit, "id")
+        return [tenant_from_row(r) for r in page], last
 
     async def update_tenant(
         self,
@@ -234,9 +235,8 @@ class Directory:
             after_pos,
             limit + 1,
         )
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return [binding_from_row(r) for r in rows], (rows[-1]["pos"] if more else None)
+        page, last = paging.split_page(rows, limit, "pos")
+        return [binding_from_row(r) for r in page], last
 
     async def delete_binding(
         self, tenant: str, binding_id: str, request_id: str, check: Any

@@ -227,17 +227,17 @@ class KeysServicer(keys_pb2_grpc.KeysServiceServicer):
             # A token of one caller's view must not page through another's.
             "view": "admin" if admin else caller_owner(principal),
         }
-        position = paging.decode_token(request.page_token, query)
+        before = paging.decode_pos(request.page_token, query)
         rows, last_pos = await self.keys.list(
             principal.tenant,
             state=int(request.state),
             owner=request.owner,
             only_owner=None if admin else caller_owner(principal),
             also_key=principal.key_id,
-            before_pos=int(position["pos"]) if position else None,
+            before_pos=before,
             limit=limit,
         )
-        token = paging.encode_token({"pos": last_pos}, query) if last_pos is not None else ""
+        token = paging.encode_pos(last_pos, query)
         return keys_pb2.ListApiKeysResponse(
             api_keys=[self._key(r) for r in rows], next_page_token=token
         )
@@ -594,16 +594,16 @@ class KeysServicer(keys_pb2_grpc.KeysServiceServicer):
             "relation": request.relation,
             "object": request.object,
         }
-        position = paging.decode_token(request.page_token, query)
+        after = paging.decode_pos(request.page_token, query)
         bindings, last = await self.directory.list_bindings(
             principal.tenant,
             subject=request.subject,
             relation=request.relation,
             obj=request.object,
-            after_pos=int(position["pos"]) if position else None,
+            after_pos=after,
             limit=limit,
         )
-        token = paging.encode_token({"pos": last}, query) if last is not None else ""
+        token = paging.encode_pos(last, query)
         return keys_pb2.ListRoleBindingsResponse(role_bindings=bindings, next_page_token=token)
 
     async def DeleteRoleBinding(

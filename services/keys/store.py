@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common import db, paging
+from services.common.errors import FailedPrecondition
+from services.common.timestamps import to_timestamp
 from soma.keys.v1 import resources_pb2 as pb
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -35,14 +36,6 @@ Row = Mapping[str, Any]
 Check = Callable[[Row | None], None]
 
 
-def ts(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    out = Timestamp()
-    out.FromDatetime(value)
-    return out
-
-
 def key_from_row(row: Row, env: str) -> pb.ApiKey:
     grace_end = row["previous_secret_expire_time"]
     grace_valid = (
@@ -58,18 +51,18 @@ def key_from_row(row: Row, env: str) -> pb.ApiKey:
         prefix=f"soma_{env}_{row['id']}_",
         scopes=list(row["scopes"]),
         roles=list(row["roles"]),
-        expire_time=ts(row["expire_time"]),
+        expire_time=to_timestamp(row["expire_time"]),
         usage_budget=row["usage_budget"] or 0,
         remaining_calls=max(row["remaining_calls"] or 0, 0) if row["usage_budget"] else 0,
         rate_limit_per_minute=row["rate_limit_per_minute"] or 0,
         state=row["effective_state"],
         owner=row["owner"],
-        last_used_time=ts(row["last_used_time"]),
-        create_time=ts(row["create_time"]),
-        update_time=ts(row["update_time"]),
-        revoke_time=ts(row["revoke_time"]),
-        rotate_time=ts(row["rotate_time"]),
-        previous_secret_expire_time=ts(grace_end) if grace_valid else None,
+        last_used_time=to_timestamp(row["last_used_time"]),
+        create_time=to_timestamp(row["create_time"]),
+        update_time=to_timestamp(row["update_time"]),
+        revoke_time=to_timestamp(row["revoke_time"]),
+        rotate_time=to_timestamp(row["rotate_time"]),
+        previous_secret_expire_time=to_timestamp(grace_end) if grace_valid else None,
     )
 
 
@@ -91,33 +84,8 @@ class NewKey:
 async def claim_request(
     conn: asyncpg.Connection, tenant: str, request_id: str, method: str, resource: str
 ) -> bool:
-    """Records an AIP-155 request id inside the caller's transaction. True: first time (go
-    ahead); False: a repeat of the same request (return the current resource, change
-    nothing). A concurrent first attempt makes this wait until it commits."""
-    if not request_id:
-        return True
-    inserted = await conn.fetchval(
-        """INSERT INTO keys_requests (tenant, request_id, method, resource)
-           VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING true""",
-        tenant,
-        request_id,
-        method,
-        resource,
-    )
-    if inserted:
-        return True
-    first = await conn.fetchrow(
-        "SELECT method, resource FROM keys_requests WHERE tenant = $1 AND request_id = $2",
-        tenant,
-        request_id,
-    )
-    if first is None or (first["method"], first["resource"]) != (method, resource):
-        raise InvalidArgument(
-            f"request_id {request_id} was already used for a different request; use a new "
-            "UUID for each distinct request",
-            field="request_id",
-        )
-    return False
+    """Records an AIP-155 request id of a Keys method (see services.common.db.claim_request)."""
+    return await db.claim_request(conn, "keys_requests", tenant, request_id, method, resource)
 
 
 class KeyStore:
@@ -192,9 +160,7 @@ class KeyStore:
             before_pos,
             limit + 1,
         )
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return list(rows), (rows[-1]["pos"] if more else None)
+        return paging.split_page(rows, limit, "pos")
 
     async def change(
         self,

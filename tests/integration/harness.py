@@ -7,6 +7,7 @@ supervisor reports "ready" in state.json, and stops it by its PID at the end.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -104,6 +105,17 @@ class MeshRunner:
         state = self.state() or {}
         return next(p for p in state["parts"] if p["name"] == name)
 
+    async def wait_restarted(self, name: str, restarts: int, within: float) -> None:
+        """Returns once the supervisor restarted part `name` (it had `restarts` restarts before)
+        and it is healthy again; fails after `within` seconds."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            part = self.part(name)
+            if part["restarts"] > restarts and part["status"] == "healthy":
+                return
+            await asyncio.sleep(0.25)
+        raise AssertionError(f"{name} was not restarted: {self.part(name)}")
+
     def tail(self, lines: int = 60) -> str:
         try:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
@@ -127,8 +139,16 @@ class MeshRunner:
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def create_key(self, tenant: str = "default", roles: tuple[str, ...] = ("admin",)) -> str:
-        """A new API key secret, made the way an operator does: `soma-mesh admin create-key`."""
+    def create_key(
+        self,
+        tenant: str = "default",
+        roles: tuple[str, ...] = ("admin",),
+        *,
+        owner: str = "",
+        name: str = "",
+    ) -> str:
+        """A new API key secret, made the way an operator does: `soma-mesh admin create-key`
+        (`owner` and `name` left out take the command's defaults)."""
         args = [
             sys.executable,
             "-m",
@@ -141,6 +161,10 @@ class MeshRunner:
             "--tenant",
             tenant,
         ]
+        if owner:
+            args += ["--owner", owner]
+        if name:
+            args += ["--name", name]
         for role in roles:
             args += ["--role", role]
         out = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
@@ -149,6 +173,36 @@ class MeshRunner:
         secret = str(json.loads(out.stdout)["secret"])
         self.secrets.append(secret)
         return secret
+
+
+def thread_states(pid: int) -> list[str]:
+    """The state letter of every thread of `pid`, from /proc/<pid>/task/<tid>/stat."""
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+        except (OSError, IndexError):
+            continue  # the thread ended meanwhile
+    return states
+
+
+def wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Returns once every thread of `pid` is stopped. kill(SIGSTOP) returns before that: a call
+    made at once could still be answered by a thread that has not stopped yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = thread_states(pid)
+        if states and all(state in ("T", "t") for state in states):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} did not stop within {timeout}s: {states}")
+        time.sleep(0.005)
+
+
+def freeze(pid: int) -> None:
+    """SIGSTOP `pid` and wait until it is really stopped (hung, not dead)."""
+    os.kill(pid, signal.SIGSTOP)
+    wait_stopped(pid)
 
 
 def authed_channel(target: str, secret: str) -> grpc.aio.Channel:

@@ -173,11 +173,32 @@ def test_session_lifecycle_over_grpc_web(mesh: MeshRunner) -> None:
     assert status == 200 and trailers["grpc-status"] == "5"
 
 
+@pytest.fixture(scope="module")
+def fresh_tenant_key(mesh: MeshRunner) -> str:
+    """An admin of a tenant that has published, installed and registered nothing."""
+    return mesh.create_key(tenant="rest-capsule-empty", roles=("admin",))
+
+
 @pytest.mark.parametrize(
-    "path", ["/v1/capsules", "/v1/approvals", "/v1/installations", "/v1/publisherKeys"]
+    ("path", "field"),
+    [
+        ("/v1/approvals", "approvals"),
+        ("/v1/installations", "installations"),
+        ("/v1/publisherKeys", "publisher_keys"),
+    ],
 )
-def test_later_services_answer_501_over_rest(mesh: MeshRunner, path: str) -> None:
-    resp = rest(mesh, "GET", path)
-    assert resp.status == 501, resp.body
-    error = resp.json()
-    assert error["code"] == 12 and "not implemented yet (issue #" in error["message"]
+def test_capsule_lists_of_a_new_tenant_are_empty_over_rest(
+    mesh: MeshRunner, fresh_tenant_key: str, path: str, field: str
+) -> None:
+    resp = rest(mesh, "GET", path, headers={"x-api-key": fresh_tenant_key})
+    assert resp.status == 200, resp.body
+    assert resp.json() == {field: [], "next_page_token": ""}
+
+
+def test_capsule_marketplace_shows_a_new_tenant_only_public_capsules(
+    mesh: MeshRunner, fresh_tenant_key: str
+) -> None:
+    resp = rest(mesh, "GET", "/v1/capsules?page_size=500", headers={"x-api-key": fresh_tenant_key})
+    assert resp.status == 200, resp.body
+    capsules = resp.json()["capsules"]
+    assert all(c["visibility"] == "CAPSULE_VISIBILITY_PUBLIC" for c in capsules), capsules

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 
 import grpc
 import psutil
@@ -17,18 +16,6 @@ from soma.gateway.v1 import resources_pb2 as pb
 from tests.integration.harness import MeshRunner, authed_channel
 
 pytestmark = pytest.mark.integration
-
-
-async def _wait_healthy_again(
-    mesh: MeshRunner, name: str, restarts: int, within: float = 60
-) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        part = mesh.part(name)
-        if part["restarts"] > restarts and part["status"] == "healthy":
-            return
-        await asyncio.sleep(0.25)
-    raise AssertionError(f"{name} was not restarted: {mesh.part(name)}")
 
 
 async def test_sigterm_drains_a_replica_without_failing_calls(mesh: MeshRunner) -> None:
@@ -59,7 +46,7 @@ async def test_sigterm_drains_a_replica_without_failing_calls(mesh: MeshRunner) 
         await asyncio.gather(*tasks)
     assert done > 50
     assert failures == [], failures[:5]
-    await _wait_healthy_again(mesh, "gateway-0", victim["restarts"])
+    await mesh.wait_restarted("gateway-0", victim["restarts"], within=60)
 
 
 async def test_restart_keeps_sessions_and_leaves_no_process(mesh: MeshRunner) -> None:

@@ -17,21 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
-import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
-import regopy
 from grpc import aio
 
+from services.common import metrics
 from services.common.auth.principal import Principal, current_principal
 from services.common.auth.public import is_public
 from services.common.errors import PermissionDenied, Unauthenticated
@@ -41,6 +39,7 @@ from services.common.interceptors import (
     WrappingInterceptor,
     wrap_handler,
 )
+from services.common.rego import PolicyError, RegoFile, defines_decision
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +48,6 @@ ENTRYPOINT = "soma/authz/decision"  # data.soma.authz.decision
 READ_PREFIXES = ("Get", "List", "Stream", "Tail", "Export", "Verify")
 # A policy that reads the subject or tenant must not share decisions across them.
 _READS_IDENTITY = re.compile(r"input\s*(?:\.\s*|\[\s*\")(?:subject|tenant)\b")
-# regopy compiles a module without the entrypoint rule and then answers undefined for every
-# input (every call denied): refuse such a file instead.
-_PACKAGE = re.compile(r"^\s*package\s+soma\.authz\s*$", re.M)
-_DECISION = re.compile(r"^\s*(?:default\s+)?decision\s*(?::=|=|if\b|\{)", re.M)
-
-
-class PolicyError(Exception):
-    """The policy file cannot be used (missing, does not compile, no decision rule)."""
 
 
 @dataclass(frozen=True)
@@ -103,59 +94,21 @@ def policy_input(principal: Principal, method: str) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
-class _Compiled:
-    interpreter: regopy.Interpreter
-    bundle: regopy.Bundle
-    signature: tuple[int, int]  # (mtime_ns, size) of the file it came from
-    reads_identity: bool
-
-
-def _signature(path: Path) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_mtime_ns, st.st_size
-
-
-def _query(compiled: _Compiled, data: Mapping[str, Any]) -> Decision | None:
-    """One evaluation; None when the policy gives no well-formed decision (undefined)."""
-    compiled.interpreter.set_input(dict(data))
-    try:
-        output = compiled.interpreter.query_bundle_entrypoint(compiled.bundle, ENTRYPOINT)
-    except (regopy.RegoError, ValueError) as error:
-        # ValueError: regopy could not parse the engine's output as JSON (rego-cpp leaves
-        # quotes inside strings unescaped, e.g. a scope containing `"`).
-        log.warning("authorization policy evaluation failed: %s", error)
-        return None
-    if not output.ok() or not output.results or not output.results[0].expressions:
-        return None
-    value = output.results[0].expressions[0]
-    if not isinstance(value, dict) or not isinstance(value.get("allow"), bool):
-        return None
-    return Decision(allow=value["allow"], reason=str(value.get("reason", "")))
-
-
-def compile_policy(path: Path) -> _Compiled:
-    """Reads and compiles the policy; raises PolicyError naming the file on any problem."""
-    try:
-        signature = _signature(path)
-        source = path.read_text()
-    except OSError as error:
-        raise PolicyError(f"authorization policy {path}: cannot read it: {error}") from error
-    interpreter = regopy.Interpreter()
-    try:
-        interpreter.add_module(str(path), source)
-        bundle = interpreter.build(None, [ENTRYPOINT])
-    except regopy.RegoError as error:
-        raise PolicyError(f"authorization policy {path} does not compile: {error}") from error
-    if not bundle.ok():
-        raise PolicyError(f"authorization policy {path} does not compile: {bundle.node}")
-    code = re.sub(r"#.*", "", source)  # comments may mention input.subject harmlessly
-    if not (_PACKAGE.search(code) and _DECISION.search(code)):
+def _check_decision_rule(path: Path, code: str) -> None:
+    # regopy compiles a module without the entrypoint rule and then answers undefined for
+    # every input (every call denied): refuse such a file instead.
+    if not defines_decision(code, "soma.authz"):
         raise PolicyError(
             f"authorization policy {path} defines no decision: it must be `package soma.authz` "
             'with a rule `decision := {"allow": <bool>, "reason": <string>}`'
         )
-    return _Compiled(interpreter, bundle, signature, bool(_READS_IDENTITY.search(code)))
+
+
+def _decision(value: Any) -> Decision | None:
+    """A well-formed decision from the policy's output, else None."""
+    if not isinstance(value, dict) or not isinstance(value.get("allow"), bool):
+        return None
+    return Decision(allow=value["allow"], reason=str(value.get("reason", "")))
 
 
 class PolicyEngine:
@@ -170,21 +123,25 @@ class PolicyEngine:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = Path(path)
-        self._compiled = compile_policy(self.path)
+        self._file = RegoFile(
+            self.path,
+            ENTRYPOINT,
+            what="authorization policy",
+            check=_check_decision_rule,
+            reload_interval=reload_interval,
+            clock=clock,
+            log=log,
+        )
+        self._reads_identity = bool(_READS_IDENTITY.search(self._file.compiled.code))
         self._cache: OrderedDict[tuple[Any, ...], Decision] = OrderedDict()
         self._cache_size = cache_size
-        self._reload_interval = reload_interval
-        self._clock = clock
-        self._next_check = clock() + reload_interval
-        self._failed_signature: tuple[int, int] | None = None
-        self._lock = threading.Lock()  # regopy's interpreter holds the input: one query at a time
         log.info("authorization policy loaded from %s", self.path)
 
     def decide(self, principal: Principal, method: str) -> Decision:
-        if self._clock() >= self._next_check:
+        if self._file.due():
             self.reload_if_changed()
         key: tuple[Any, ...] = (method, principal.roles, principal.scopes)
-        if self._compiled.reads_identity:
+        if self._reads_identity:
             key += (principal.subject, principal.tenant)
         hit = self._cache.get(key)
         if hit is not None:
@@ -198,8 +155,7 @@ class PolicyEngine:
 
     def evaluate(self, data: Mapping[str, Any]) -> Decision:
         """Uncached: runs the policy on one input. Undefined or malformed output is a denial."""
-        with self._lock:
-            decision = _query(self._compiled, data)
+        decision = _decision(self._file.query(data))
         if decision is None:
             return Decision(
                 False,
@@ -209,30 +165,11 @@ class PolicyEngine:
 
     def reload_if_changed(self) -> bool:
         """Recompiles a changed file (keeping the last good policy if it is broken)."""
-        self._next_check = self._clock() + self._reload_interval
-        try:
-            signature = _signature(self.path)
-        except OSError as error:
-            if self._failed_signature != (-1, -1):
-                log.error(
-                    "authorization policy %s: %s; keeping the last good policy", self.path, error
-                )
-                self._failed_signature = (-1, -1)
-            return False
-        if signature in (self._compiled.signature, self._failed_signature):
-            return False
-        try:
-            compiled = compile_policy(self.path)
-        except PolicyError as error:
-            log.error("%s; keeping the last good policy", error)
-            self._failed_signature = signature
-            return False
-        with self._lock:
-            self._compiled = compiled
+        reloaded = self._file.reload_if_changed()
+        if reloaded:
+            self._reads_identity = bool(_READS_IDENTITY.search(self._file.compiled.code))
             self._cache.clear()
-        self._failed_signature = None
-        log.info("authorization policy reloaded from %s", self.path)
-        return True
+        return reloaded
 
     def clear_cache(self) -> None:
         self._cache.clear()
@@ -270,6 +207,8 @@ class AuthzInterceptor(WrappingInterceptor):
     async def _enter(self, method: str, context: aio.ServicerContext) -> Any:
         """Decides; on a denial records it (hook) and raises; else returns the var's token."""
         principal, decision = self.decide(method)
+        metrics.cache_lookup("policy", decision.cached)
+        metrics.auth_decision("allow" if decision.allow else "deny", principal.credential)
         if not decision.allow:
             if self.on_deny is not None:
                 await self.on_deny(method, principal, decision, context)
@@ -292,11 +231,12 @@ class AuthzInterceptor(WrappingInterceptor):
             return call
 
         def around_stream(behavior: StreamBehavior) -> StreamBehavior:
-            async def call(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            async def call(request: Any, context: aio.ServicerContext) -> AsyncGenerator[Any, None]:
                 token = await enter(method, context)
                 try:
-                    async for response in behavior(request, context):
-                        yield response
+                    async with contextlib.aclosing(behavior(request, context)) as responses:
+                        async for response in responses:  # closed here, in the call's task
+                            yield response
                 finally:
                     with contextlib.suppress(ValueError):  # closed from another context
                         current_decision.reset(token)

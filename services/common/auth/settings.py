@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from services.common.apikeys import ENVS
 from services.common.config import ConfigError
+from services.common.envparse import non_negative_float
 
 
 @dataclass(frozen=True)
@@ -41,19 +42,6 @@ class AuthConfig:
     last_used_flush_seconds: float = 5.0
     jwks_reload_min_seconds: float = 10.0
     oidc: OidcConfig | None = None
-
-
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
-    if value < 0:
-        raise ConfigError(f"{name}={value} must not be negative")
-    return value
 
 
 def load_auth_config(env: Mapping[str, str]) -> AuthConfig:
@@ -79,8 +67,8 @@ def load_auth_config(env: Mapping[str, str]) -> AuthConfig:
         env=soma_env,
         jwt_issuer=env.get("SOMA_JWT_ISSUER", "").strip() or "soma-mesh",
         jwt_audience=audience,
-        jwt_leeway_seconds=_float(env, "SOMA_JWT_LEEWAY_SECONDS", 30.0),
-        key_cache_ttl_seconds=_float(env, "SOMA_KEY_CACHE_TTL_SECONDS", 60.0),
-        last_used_flush_seconds=_float(env, "SOMA_LAST_USED_FLUSH_SECONDS", 5.0),
+        jwt_leeway_seconds=non_negative_float(env, "SOMA_JWT_LEEWAY_SECONDS", 30.0),
+        key_cache_ttl_seconds=non_negative_float(env, "SOMA_KEY_CACHE_TTL_SECONDS", 60.0),
+        last_used_flush_seconds=non_negative_float(env, "SOMA_LAST_USED_FLUSH_SECONDS", 5.0),
         oidc=oidc,
     )
