@@ -27,8 +27,8 @@ from google.rpc import code_pb2
 
 from services.client import render
 from services.client.argtypes import non_negative
+from services.client.commands import CommandGroup
 from services.client.durations import parse_duration
-from services.client.sdk import SomaClient
 from soma.audit.v1 import audit_pb2, resources_pb2
 
 DECISIONS = {
@@ -220,14 +220,8 @@ def compact_json(event: resources_pb2.AuditEvent) -> str:
 # -- commands ---------------------------------------------------------------------------------
 
 
-class AuditCommands:
+class AuditCommands(CommandGroup):
     """`soma audit list|tail|export` against the Audit service."""
-
-    def __init__(self, client: SomaClient, as_json: bool, out: TextIO, err: TextIO) -> None:
-        self.client = client
-        self.json = as_json
-        self.out = out
-        self.err = err
 
     async def dispatch(self, args: argparse.Namespace) -> None:
         await getattr(self, f"audit_{args.verb}")(args)

@@ -1,4 +1,5 @@
-"""`soma`: manage API keys and tokens of a Soma Mesh through Envoy, and read its audit trail.
+"""`soma`: manage API keys and tokens of a Soma Mesh through Envoy, read its audit trail, and
+publish, install and approve capsules.
 
     soma keys create [--name N] [--role R ...] [--scope S ...] [--expires-in 30d]
                      [--budget N] [--rate-limit N] [--request-id UUID]
@@ -8,6 +9,7 @@
     soma keys rotate KEY [--grace 24h]
     soma token issue [--ttl 10m] [--scope S ...] [--audience AUD]
     soma audit list|tail|export|verify ...   (see services/client/audit_cli.py)
+    soma capsule pack|keygen|sign|publish|list|show|install|approve ...  (capsule_cli.py)
 
 Every command takes --target (SOMA_TARGET, default 127.0.0.1:8080), --api-key (SOMA_API_KEY;
 prefer the variable: arguments show in `ps`), --token (SOMA_TOKEN), --timeout and --json.
@@ -28,8 +30,9 @@ from typing import TextIO
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from services.client import audit_cli, render
+from services.client import audit_cli, capsule_cli, render
 from services.client.argtypes import non_negative
+from services.client.commands import CommandGroup
 from services.client.durations import parse_duration
 from services.client.errors import ApiError, redact
 from services.client.sdk import DEFAULT_TARGET, DEFAULT_TIMEOUT, ClientConfig, SomaClient
@@ -90,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     common = _connection_options()
     parser = argparse.ArgumentParser(
         prog="soma",
-        description="Manage Soma Mesh API keys and tokens; read the audit trail.",
+        description=(
+            "Manage Soma Mesh API keys and tokens; read the audit trail; publish, install and "
+            "approve capsules."
+        ),
         parents=[common],
     )
     groups = parser.add_subparsers(dest="group", required=True)
@@ -145,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--audience", default="", help="the token's aud (default: the mesh)")
 
     audit_cli.add_parser(groups, common)
+    capsule_cli.add_parser(groups, common)
     return parser
 
 
@@ -181,17 +188,8 @@ def _duration_pb(delta: timedelta) -> duration_pb2.Duration:
     return duration_pb2.Duration(seconds=int(delta.total_seconds()))
 
 
-class Commands:
+class Commands(CommandGroup):
     """One method per command; output goes to `out`, notes to `err`."""
-
-    def __init__(self, client: SomaClient, as_json: bool, out: TextIO, err: TextIO) -> None:
-        self.client = client
-        self.json = as_json
-        self.out = out
-        self.err = err
-
-    def print(self, text: str) -> None:
-        print(text, file=self.out)
 
     async def keys_create(self, args: argparse.Namespace) -> None:
         key = resources_pb2.ApiKey(
@@ -288,21 +286,31 @@ async def run(
     err = err or sys.stderr
     if args.group == "audit" and args.verb == "verify":
         return audit_cli.verify_command(args, out, err)  # offline: no connection, no credential
+    if args.group == "capsule" and args.verb in capsule_cli.OFFLINE_VERBS:
+        return capsule_cli.offline_command(args, out, err, env)  # pack, keygen, sign: offline
     config = client_config(args, os.environ if env is None else env)
+    status = EXIT_OK
     try:
         async with SomaClient.from_config(config) as client:
             as_json = bool(getattr(args, "json", False))
             if args.group == "audit":
                 await audit_cli.AuditCommands(client, as_json, out, err).dispatch(args)
+            elif args.group == "capsule":
+                capsule = capsule_cli.CapsuleCommands(client, as_json, out, err)
+                status = await capsule.dispatch(args)
             else:
                 commands = Commands(client, as_json, out, err)
                 await getattr(commands, f"{args.group}_{args.verb}")(args)
     except grpc.aio.AioRpcError as exc:
-        return report(ApiError.from_rpc_error(exc, config.secrets), config, err)
+        error = ApiError.from_rpc_error(exc, config.secrets)
+        status = report(error, config, err)
+        if args.group == "capsule":
+            capsule_cli.report_hints(args, error, err)
+        return status
     except UsageError as exc:
         print(f"soma: error: {redact(str(exc), config.secrets)}", file=err)
         return EXIT_USAGE
-    return EXIT_OK
+    return status
 
 
 def report(error: ApiError, config: ClientConfig, err: TextIO) -> int:

@@ -15,6 +15,7 @@ from services.client import ApiError, RetryPolicy, SomaClient, redact
 from services.client.cli import build_parser, run
 from services.common import apikeys
 from soma.keys.v1 import keys_pb2, keys_pb2_grpc, resources_pb2
+from tests.unit.local_server import serving
 
 SECRET = apikeys.generate("dev")
 CALLER_KEY = apikeys.generate("dev").secret
@@ -90,12 +91,8 @@ class FakeKeys(keys_pb2_grpc.KeysServiceServicer):
 @pytest.fixture
 async def fake() -> AsyncIterator[tuple[FakeKeys, str]]:
     servicer = FakeKeys()
-    server = grpc.aio.server()
-    keys_pb2_grpc.add_KeysServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    yield servicer, f"127.0.0.1:{port}"
-    await server.stop(0)
+    async with serving(keys_pb2_grpc.add_KeysServiceServicer_to_server, servicer) as target:
+        yield servicer, target
 
 
 async def test_credentials_and_default_deadline_on_every_call(fake) -> None:  # type: ignore[no-untyped-def]
