@@ -19,6 +19,16 @@ step "install (pip install -e '.[dev]')"
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet -e '.[dev]'
 
+step "promtool (Debian's prometheus package) for the alert-rule tests"
+if ! command -v promtool >/dev/null; then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    apt-get install -y --no-install-recommends prometheus >/dev/null 2>&1 ||
+      { apt-get update -qq && apt-get install -y --no-install-recommends prometheus >/dev/null; }
+  else
+    echo "promtool is missing: install Debian's prometheus package (the rule tests need it)" >&2
+  fi
+fi
+
 step "ruff"
 ruff check .
 ruff format --check .

@@ -9,10 +9,12 @@ from dataclasses import dataclass
 
 from grpc import aio
 
-from services.audit.ingest import Writer, WriterSettings, ensure_audit_stream
+from services.audit.ingest import CONSUMER, Writer, WriterSettings, ensure_audit_stream
 from services.audit.retention import Retention
 from services.audit.servicer import AuditServicer
 from services.audit.store import MIGRATIONS, AuditStore
+from services.common import metrics
+from services.common.audit.event import STREAM
 from services.common.config import ConfigError
 from services.common.db import migrate
 from services.common.runtime import Runtime
@@ -54,6 +56,7 @@ async def open_audit(runtime: Runtime, settings: AuditSettings | None = None) ->
     tasks = [
         asyncio.create_task(writer.run(), name="audit-writer"),
         asyncio.create_task(retention.run(settings.purge_interval), name="audit-retention"),
+        *metrics.lag_samplers(runtime.bus.js, [(STREAM, CONSUMER)]),
     ]
 
     def register(server: aio.Server) -> None:

@@ -11,15 +11,19 @@ Secrets are `repr=False` so a logged config never shows them.
 | SOMA_GRACE_SECONDS   | 10                      | drain time for in-flight calls on SIGTERM |
 | SOMA_DRAIN_DELAY_SECONDS | 3                   | NOT_SERVING, still accepting, before stop |
 | SOMA_MAX_MESSAGE_MB  | 4                       | largest gRPC message accepted             |
+| SOMA_METRICS_PORT    | 0 (off)                 | Prometheus /metrics on 127.0.0.1; 0 = off |
 | SOMA_LOG_LEVEL       | INFO                    | DEBUG, INFO, WARNING, ERROR               |
 | SOMA_LOG_FORMAT      | text                    | text or json (one JSON object per line)   |
 | SOMA_DATA_DIR        | ./.soma                 | the local mesh's data directory           |
 | DATABASE_URL         | (none)                  | PostgreSQL URL (asyncpg form)             |
 | SOMA_DB_POOL_MAX     | 10                      | connections per replica                   |
+| SOMA_DEPENDENCY_TIMEOUT_MS | 3000              | max wait on PostgreSQL, NATS, OpenBao     |
 | NATS_URL             | nats://127.0.0.1:4222   | NATS server(s), comma separated           |
 | VAULT_ADDR           | (none)                  | OpenBao/Vault address                     |
 | VAULT_TOKEN          | (none)                  | OpenBao/Vault token (secret)              |
 | SOMA_PARTITIONS      | 4                       | session queue partitions                  |
+| OTEL_EXPORTER_OTLP_ENDPOINT | (none: off)      | tracing: see services/common/tracing.py   |
+| SOMA_TRACE_SAMPLE    | 1.0                     | share of new traces kept (tracing.py)     |
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class ServerConfig:
     grace_seconds: float
     drain_delay_seconds: float  # health NOT_SERVING but still serving, so Envoy moves away first
     max_message_bytes: int
+    metrics_port: int = 0  # Prometheus /metrics on loopback; 0 = no metrics server
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,7 @@ def load_config(service: str, env: Mapping[str, str]) -> Config:
             grace_seconds=_float(env, "SOMA_GRACE_SECONDS", 10.0),
             drain_delay_seconds=_float(env, "SOMA_DRAIN_DELAY_SECONDS", 3.0),
             max_message_bytes=_int(env, "SOMA_MAX_MESSAGE_MB", 4, minimum=1) * 1024 * 1024,
+            metrics_port=_int(env, "SOMA_METRICS_PORT", 0),
         ),
         log=LogConfig(level=level, json=log_format == "json"),
         database=DatabaseConfig(database_url, _int(env, "SOMA_DB_POOL_MAX", 10, minimum=1))

@@ -6,6 +6,7 @@ import asyncio
 
 from grpc import aio
 
+from services.common import metrics
 from services.common.db import migrate
 from services.common.runtime import Runtime
 from services.common.server import ServiceParts
@@ -37,6 +38,12 @@ async def open_gateway(runtime: Runtime) -> ServiceParts:
     tasks = [
         asyncio.create_task(publisher.run_outbox(), name="outbox"),
         asyncio.create_task(run_reply_ingester(bus, store, publisher), name="replies"),
+        # Every SESSIONS consumer's lag, the workers' too: it must show while they are down.
+        *metrics.lag_samplers(
+            bus.js,
+            [(queue.STREAM, queue.REPLIES_CONSUMER)]
+            + [(queue.STREAM, queue.worker_consumer(p)) for p in range(config.partitions)],
+        ),
     ]
 
     def register(server: aio.Server) -> None:

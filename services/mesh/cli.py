@@ -176,6 +176,7 @@ def print_ready(mesh: Mesh) -> None:
         "openapi": "OpenAPI",
         "envoy_admin": "Envoy admin",
         "metrics": "Metrics",
+        "prometheus_config": "Prometheus",
         "postgres": "PostgreSQL",
         "nats": "NATS",
         "nats_monitor": "NATS monitor",

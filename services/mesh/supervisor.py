@@ -24,7 +24,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
-from services.common.config import VaultConfig
+from services.common.config import ConfigError, VaultConfig
+from services.common.tracing import load_trace_settings
 from services.mesh import envoy, nats, openbao, postgres, pyparts
 from services.mesh.errors import MeshError
 from services.mesh.lock import MeshLock
@@ -63,6 +64,9 @@ class MeshOptions:
     # Create tenant `default` + an admin key when the database has no API key (None:
     # SOMA_MESH_BOOTSTRAP=0 in the environment turns it off).
     bootstrap: bool | None = None
+    # Give every Python part a loopback /metrics port and render <data>/prometheus.yml (None:
+    # SOMA_MESH_METRICS=0 in the environment turns it off, e.g. to benchmark without metrics).
+    metrics: bool | None = None
 
 
 def redact_url(url: str) -> str:
@@ -197,6 +201,10 @@ class Mesh:
 
     async def _start_all(self) -> None:
         opts = self.options
+        try:  # checked before anything starts: every part would refuse the same setting
+            tracing = load_trace_settings(self.environ)
+        except ConfigError as error:
+            raise MeshError(str(error)) from None
         ports = PortAllocator(LOOPBACK)
         listener_port = self._fixed_port(ports, opts.host, opts.port, "--port")
         admin_port = self._fixed_port(ports, LOOPBACK, opts.admin_port, "--admin-port")
@@ -222,13 +230,19 @@ class Mesh:
             for i in range(opts.replicas):
                 port = ports.take()
                 endpoints.append(Endpoint(LOOPBACK, port))
-                services.append(self._python_part(f"{svc}-{i}", "service", modules[svc], port, env))
+                services.append(
+                    self._python_part(
+                        f"{svc}-{i}", "service", modules[svc], port, env, self._metrics_port(ports)
+                    )
+                )
             replicas[svc] = tuple(endpoints)
         self._running.services = services
         await self._start_group(services)
 
         if "worker" in modules:
-            worker = self._python_part("worker", "worker", modules["worker"], ports.take(), env)
+            worker = self._python_part(
+                "worker", "worker", modules["worker"], ports.take(), env, self._metrics_port(ports)
+            )
             self._running.worker = worker
             await self._start_group([worker])
 
@@ -241,6 +255,8 @@ class Mesh:
                 openapi_document=pyparts.REPO_ROOT / "gen" / "openapi" / "soma.openapi.json",
                 gateway_config_dir=pyparts.REPO_ROOT / "gateway-config",
                 run_dir=self.run_dir,
+                otlp_endpoint=tracing.endpoint,  # the Python parts read OTEL_* themselves
+                trace_sample=tracing.sample,
             )
             self.run_dir.mkdir(parents=True, exist_ok=True)
             minimal = opts.minimal_envoy_config
@@ -253,6 +269,7 @@ class Mesh:
             self._running.envoy = proc
             await self._start_group([proc])
         self._fill_urls()
+        self._write_prometheus_config()
 
     async def _bootstrap(self) -> None:
         enabled = self.options.bootstrap
@@ -378,9 +395,43 @@ class Mesh:
         env.setdefault("SOMA_GRACE_SECONDS", f"{self.options.grace_seconds:g}")
         return env
 
+    def _metrics_port(self, ports: PortAllocator) -> int:
+        enabled = self.options.metrics
+        if enabled is None:
+            enabled = self.environ.get("SOMA_MESH_METRICS", "1") != "0"
+        return ports.take() if enabled else 0
+
+    def _write_prometheus_config(self) -> None:
+        """<data>/prometheus.yml for the parts serving metrics (a replica keeps its metrics
+        port across restarts, so the file stays valid while the mesh runs)."""
+        from services.mesh.prometheus import write_prometheus_config
+
+        targets: dict[str, list[tuple[str, str]]] = {}
+        for part in self.state.parts:
+            if "metrics" in part.extra:
+                kind = str(part.extra["service"])
+                targets.setdefault(kind, []).append((part.name, str(part.extra["metrics"])))
+        if not targets:
+            return
+        envoy_admin = self.state.admin if self.options.with_envoy else None
+        try:
+            path = write_prometheus_config(self.data_dir / "prometheus.yml", targets, envoy_admin)
+        except (MeshError, OSError) as error:  # monitoring config only: the mesh still runs
+            logger.warning("prometheus.yml not written: %s", error)
+            return
+        self.state.urls["prometheus_config"] = str(path)
+
     def _python_part(
-        self, name: str, kind: str, module: str, port: int, env: Mapping[str, str]
+        self,
+        name: str,
+        kind: str,
+        module: str,
+        port: int,
+        env: Mapping[str, str],
+        metrics_port: int = 0,
     ) -> ManagedProcess:
+        if metrics_port:
+            env = {**env, "SOMA_METRICS_PORT": str(metrics_port)}
         # A replica first stays NOT_SERVING for its drain delay (so Envoy moves away), then
         # drains in-flight calls for its grace period: wait for both before killing it.
         grace = float(env.get("SOMA_GRACE_SECONDS", self.options.grace_seconds)) + float(
@@ -400,6 +451,10 @@ class Mesh:
         )
         proc = self._managed(spec)
         proc.state.extra["module"] = module
+        if metrics_port:
+            proc.state.extra["metrics"] = f"{LOOPBACK}:{metrics_port}"
+            # the Prometheus job: the service of a replica named <service>-<n>, or "worker"
+            proc.state.extra["service"] = name.rpartition("-")[0] if kind == "service" else kind
         return proc
 
     def _fill_urls(self) -> None:

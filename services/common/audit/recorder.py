@@ -31,6 +31,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
+from services.common import metrics, tracing
 from services.common.audit.event import (
     STREAM,
     SUBJECTS,
@@ -84,7 +85,8 @@ class JetStreamTransport:
 
     async def publish(self, subject: str, payload: bytes, msg_id: str, bound: float) -> None:
         headers = {"Nats-Msg-Id": msg_id}
-        await self.js.publish(subject, payload, timeout=bound, stream=STREAM, headers=headers)
+        with tracing.publish_span(subject, STREAM, headers):  # Audit's writer continues it
+            await self.js.publish(subject, payload, timeout=bound, stream=STREAM, headers=headers)
 
     async def probe(self, bound: float) -> None:
         reply = await self.nc.request(f"$JS.API.STREAM.INFO.{STREAM}", b"", timeout=bound)
@@ -141,6 +143,7 @@ class AuditRecorder:
         recorder = cls(JetStreamTransport(bus.nc, bus.js), outbox, config)
         if outbox.pending:
             log.info("audit outbox holds %d events from a previous run", outbox.pending)
+        metrics.watch_audit_outbox(lambda: outbox.pending)
         recorder.start()
         return recorder
 
@@ -187,9 +190,15 @@ class AuditRecorder:
 
     async def _publish(self, subject: str, payload: bytes, msg_id: str) -> None:
         # The transport is given the bound too; wait_for is the backstop if it ignores it.
-        await asyncio.wait_for(
-            self.transport.publish(subject, payload, msg_id, self._timeout), self._timeout + 0.05
-        )
+        try:
+            await asyncio.wait_for(
+                self.transport.publish(subject, payload, msg_id, self._timeout),
+                self._timeout + 0.05,
+            )
+        except Exception:
+            metrics.publish_failed(STREAM)
+            raise
+        metrics.published(STREAM)
 
     def _unhealthy(self, error: BaseException) -> None:
         if self._healthy:
@@ -217,6 +226,7 @@ class AuditRecorder:
                     self._probe_task = asyncio.get_running_loop().create_task(self._probe())
                 if await asyncio.shield(self._probe_task):
                     return
+        metrics.audit_refused()
         raise Unavailable(
             "the audit channel is unavailable, so changes are refused for now; retry shortly",
             reason="AUDIT_UNAVAILABLE",

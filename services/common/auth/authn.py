@@ -27,7 +27,7 @@ import grpc
 import jwt
 from grpc import aio
 
-from services.common import apikeys
+from services.common import apikeys, metrics
 from services.common.auth import revocation
 from services.common.auth.jwt_verify import JwtVerifier, KeySet, invalid
 from services.common.auth.keycache import (
@@ -88,6 +88,17 @@ def credential_from(metadata: Metadata) -> str | None:
     if api_key is not None:
         return api_key.strip() or None
     return None
+
+
+def credential_kind(metadata: Metadata) -> str:
+    """api_key, jwt or none: what kind of credential a call presented (for metrics)."""
+    try:
+        credential = credential_from(metadata)
+    except Unauthenticated:  # a malformed authorization header carries none we can use
+        return "none"
+    if credential is None:
+        return "none"
+    return "api_key" if apikeys.looks_like_key(credential) else "jwt"
 
 
 def narrow_scopes(token: frozenset[str], key: frozenset[str]) -> frozenset[str]:
@@ -395,12 +406,13 @@ class AuthnInterceptor(WrappingInterceptor):
         on_failure = None if public else self._on_failure
 
         async def principal(context: aio.ServicerContext) -> Principal | None:
-            if on_failure is None:
-                return await find(context.invocation_metadata() or ())
+            metadata = context.invocation_metadata() or ()
             try:
-                return await find(context.invocation_metadata() or ())
+                return await find(metadata)
             except Unauthenticated as error:
-                await on_failure(method, error, context)
+                metrics.auth_decision("unauthenticated", credential_kind(metadata))
+                if on_failure is not None:
+                    await on_failure(method, error, context)
                 raise
 
         def around_unary(behavior: UnaryBehavior) -> UnaryBehavior:
@@ -417,8 +429,9 @@ class AuthnInterceptor(WrappingInterceptor):
             async def call(request: Any, context: aio.ServicerContext) -> Any:
                 token = current_principal.set(await principal(context))
                 try:
-                    async for response in behavior(request, context):
-                        yield response
+                    async with contextlib.aclosing(behavior(request, context)) as responses:
+                        async for response in responses:  # closed here, in the call's task
+                            yield response
                 finally:
                     with contextlib.suppress(ValueError):  # closed from another context
                         current_principal.reset(token)

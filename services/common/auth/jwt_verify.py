@@ -27,6 +27,7 @@ from typing import Any
 import jwt
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
+from services.common import metrics
 from services.common.errors import Unauthenticated
 
 log = logging.getLogger(__name__)
@@ -180,8 +181,10 @@ class JwtVerifier:
                 raise Unauthenticated("token expired; request a new one", reason="TOKEN_EXPIRED")
             if float(claims.get("nbf", 0)) - self.leeway <= now and await self.keys.get(kid):
                 self._verified.move_to_end(token)
+                metrics.cache_lookup("jwt", True)
                 return claims, kid
             del self._verified[token]
+        metrics.cache_lookup("jwt", False)
         claims, kid = await self._verify_uncached(token)
         self._verified[token] = (claims, kid)
         if len(self._verified) > VERIFIED_CACHE_SIZE:

@@ -16,6 +16,8 @@ from typing import Any
 
 import asyncpg
 
+from services.common import metrics
+
 STATE_ACTIVE = 1  # soma.keys.v1.ApiKeyState
 STATE_REVOKED = 2
 STATE_EXPIRED = 3
@@ -114,7 +116,9 @@ class KeyCache:
             now = self._clock()
             ttl = self._ttl if record is not None else self._miss_ttl
             if now < expires and (max_age is None or now - (expires - ttl) <= max_age):
+                metrics.cache_lookup("api_key", True)
                 return record
+        metrics.cache_lookup("api_key", False)
         pending = self._inflight.get(key_id)
         if pending is not None:
             return await asyncio.shield(pending)

@@ -1,0 +1,253 @@
+"""Metrics on the session mesh: every Python part serves /metrics on the loopback port the
+supervisor recorded in state.json, the counters move with real calls through Envoy, every metric
+of the contract table (services/common/metrics.py) is exposed, and `soma-mesh up` rendered a
+valid Prometheus scrape config naming every replica."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import urllib.request
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from soma.gateway.v1 import gateway_pb2 as g
+from soma.gateway.v1 import gateway_pb2_grpc
+from soma.gateway.v1 import resources_pb2 as pb
+from soma.keys.v1 import keys_pb2, keys_pb2_grpc
+from tests.integration.harness import MeshRunner
+from tests.unit.test_metrics import TABLE
+from tests.unit.test_observability_rules import (
+    PROMETHEUS_NAMES,
+    SUFFIXES,
+    dashboard_expressions,
+    metric_names,
+    recorded_names,
+    rule_expressions,
+)
+
+pytestmark = pytest.mark.integration
+
+GET_VERSION = "/soma.gateway.v1.GatewayService/GetVersion"
+LIST_KEYS = "/soma.keys.v1.KeysService/ListApiKeys"
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+class Scrape:
+    """One /metrics answer: its samples and the metric families it declares."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.samples: Samples = {}
+        self.families: set[str] = set()
+        for family in text_string_to_metric_families(text):
+            self.families.add(family.name)
+            for s in family.samples:
+                self.samples[(s.name, frozenset(s.labels.items()))] = s.value
+
+    def total(self, name: str, **labels: str) -> float:
+        """Sum of `name` over every sample whose labels include `labels`."""
+        wanted = set(labels.items())
+        return sum(v for (n, ls), v in self.samples.items() if n == name and wanted <= ls)
+
+    def declares(self, name: str) -> bool:
+        # The parser names counter families without `_total`.
+        return name in self.families or name.removesuffix("_total") in self.families
+
+
+def metrics_parts(mesh: MeshRunner) -> dict[str, tuple[str, str]]:
+    """part name -> (service, metrics address), from state.json."""
+    state = mesh.state() or {}
+    return {
+        p["name"]: (p["extra"]["service"], p["extra"]["metrics"])
+        for p in state["parts"]
+        if "metrics" in p.get("extra", {})
+    }
+
+
+def scrape(address: str) -> Scrape:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        assert response.status == 200
+        return Scrape(response.read().decode())
+
+
+async def scrape_all(mesh: MeshRunner) -> dict[str, Scrape]:
+    parts = metrics_parts(mesh)
+    scrapes = await asyncio.gather(
+        *(asyncio.to_thread(scrape, address) for _, address in parts.values())
+    )
+    return dict(zip(parts, scrapes, strict=True))
+
+
+def by_service(scrapes: dict[str, Scrape], parts: dict[str, tuple[str, str]]) -> Any:
+    grouped: dict[str, list[Scrape]] = defaultdict(list)
+    for name, result in scrapes.items():
+        grouped[parts[name][0]].append(result)
+
+    def total(service: str, name: str, **labels: str) -> float:
+        return sum(s.total(name, **labels) for s in grouped[service])
+
+    return total
+
+
+async def wait_for(check: Callable[[], Any], within: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        try:
+            if await check():
+                return
+        except AssertionError:
+            pass
+        assert asyncio.get_running_loop().time() < deadline, f"not reached in {within}s"
+        await asyncio.sleep(0.5)
+
+
+async def test_every_replica_serves_the_table_and_counters_move(
+    mesh: MeshRunner, channel: grpc.aio.Channel
+) -> None:
+    parts = metrics_parts(mesh)
+    services = {service for service, _ in parts.values()}
+    assert {"gateway", "keys", "audit", "worker"} <= services, parts
+    assert sum(1 for s, _ in parts.values() if s == "gateway") == mesh.replicas
+    assert all(address.startswith("127.0.0.1:") for _, address in parts.values())
+
+    before = by_service(await scrape_all(mesh), parts)
+    version_ok = before("gateway", "soma_rpc_requests_total", method=GET_VERSION, code="OK")
+    keys_ok = before("keys", "soma_rpc_requests_total", method=LIST_KEYS, code="OK")
+    unauthenticated = before("keys", "soma_rpc_requests_total", code="UNAUTHENTICATED")
+
+    gateway = gateway_pb2_grpc.GatewayServiceStub(channel)
+    keys = keys_pb2_grpc.KeysServiceStub(channel)
+    for _ in range(4):
+        await gateway.GetVersion(g.GetVersionRequest())
+        await keys.ListApiKeys(keys_pb2.ListApiKeysRequest(page_size=1))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await keys.ListApiKeys(
+            keys_pb2.ListApiKeysRequest(), metadata=(("authorization", "Bearer not-a-token"),)
+        )
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # One message through JetStream and the worker, twice: a tool-cache miss, then a hit.
+    session = await gateway.CreateSession(
+        g.CreateSessionRequest(session=pb.Session(display_name="metrics"))
+    )
+    text = f"metrics {uuid.uuid4()}"
+    for _ in range(2):
+        await gateway.SendMessage(
+            g.SendMessageRequest(parent=session.name, message=pb.Message(content=text))
+        )
+
+    async def moved() -> bool:
+        scrapes = await scrape_all(mesh)
+        after = by_service(scrapes, parts)
+        rpc = "soma_rpc_requests_total"
+        assert after("gateway", rpc, method=GET_VERSION, code="OK") == version_ok + 4
+        assert after("keys", rpc, method=LIST_KEYS, code="OK") == keys_ok + 4
+        assert after("keys", rpc, code="UNAUTHENTICATED") == unauthenticated + 1
+        assert after("keys", "soma_rpc_duration_seconds_count", method=LIST_KEYS) >= 4
+        assert after("keys", "soma_auth_decisions_total", decision="allow") >= 4
+        assert after("keys", "soma_auth_decisions_total", decision="unauthenticated") >= 1
+        assert after("keys", "soma_cache_requests_total", cache="api_key", result="hit") >= 1
+        assert after("keys", "soma_cache_requests_total", cache="policy", result="hit") >= 1
+        stream = "SESSIONS"
+        assert after("gateway", "soma_jetstream_published_total", stream=stream) >= 2
+        assert after("worker", "soma_jetstream_published_total", stream=stream) >= 2
+        assert after("worker", "soma_jetstream_consumed_total") >= 2
+        assert after("gateway", "soma_jetstream_consumed_total", consumer="gateway-replies") >= 2
+        assert after("worker", "soma_cache_requests_total", cache="tool_result", result="hit") >= 1
+        assert after("worker", "soma_cache_requests_total", cache="tool_result", result="miss") >= 1
+        # Reads are audited on the session mesh: events published, and stored by Audit.
+        assert after("keys", "soma_jetstream_published_total", stream="AUDIT") >= 4
+        assert after("audit", "soma_jetstream_consumed_total", consumer="audit-writer") >= 4
+        for name, result in scrapes.items():
+            service = parts[name][0]
+            missing = [m for m in TABLE if not result.declares(m)]
+            assert not missing, f"{name} does not declare {missing}"
+            assert result.total("soma_build_info", service=service) == 1, name
+            assert result.total("soma_rpc_requests_total", service=service) > 0, name
+            if service != "worker":
+                assert result.total("soma_db_pool_connections", state="max") > 0, name
+        # Lag is sampled every 5 s by the Gateway, for its consumer and the workers' too.
+        sampled = {
+            dict(labels)["consumer"]
+            for name, result in scrapes.items()
+            if parts[name][0] == "gateway"
+            for metric, labels in result.samples
+            if metric == "soma_jetstream_consumer_pending"
+        }
+        assert {"gateway-replies", "worker-p0"} <= sampled, sampled
+        return True
+
+    await wait_for(moved)
+
+
+def test_up_rendered_a_prometheus_config_for_every_replica(mesh: MeshRunner) -> None:
+    state = mesh.state() or {}
+    path = Path(state["urls"]["prometheus_config"])
+    assert path == mesh.data_dir.resolve() / "prometheus.yml"
+    config = yaml.safe_load(path.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    rendered = {
+        group["labels"]["replica"]: group["targets"]
+        for name, job in jobs.items()
+        if name != "envoy"
+        for group in job["static_configs"]
+    }
+    assert rendered == {name: [address] for name, (_, address) in metrics_parts(mesh).items()}
+    assert jobs["envoy"]["metrics_path"] == "/stats/prometheus"
+    assert jobs["envoy"]["static_configs"][0]["targets"] == [state["admin"]]
+    assert all(Path(rule).is_absolute() for rule in config["rule_files"])
+    if shutil.which("promtool"):
+        checked = subprocess.run(
+            ["promtool", "check", "config", "--syntax-only", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def declared_series(text: str) -> set[str]:
+    """The series names a /metrics text can hold, from its `# TYPE` lines: a family declared
+    without samples yet (a labelled counter nobody incremented) still counts as existing."""
+    names = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, family, kind = line.split(maxsplit=3)
+            base = family.removesuffix("_total") if kind == "counter" else family
+            # prometheus-client counters are `x_total`; Envoy's counters carry no suffix.
+            names |= {family} | {base + suffix for suffix in SUFFIXES.get(kind, ("",))}
+    return names
+
+
+def test_rules_and_dashboards_name_only_metrics_the_live_mesh_serves(mesh: MeshRunner) -> None:
+    """issue 6: every metric an alert rule or a dashboard panel selects is served by this running
+    mesh — the Python parts' /metrics or Envoy's /stats/prometheus (Prometheus' own `up` and
+    `ALERTS`, and the rules' recorded series, aside)."""
+    live: set[str] = set()
+    for _, address in metrics_parts(mesh).values():
+        live |= declared_series(scrape(address).text)
+    admin = (mesh.state() or {})["admin"]
+    with urllib.request.urlopen(f"http://{admin}/stats/prometheus", timeout=10) as response:
+        live |= declared_series(response.read().decode())
+    assert any(n.startswith("soma_rpc_") for n in live) and any(
+        n.startswith("envoy_cluster_") for n in live
+    ), "the scrape found neither our RPC metrics nor Envoy's cluster stats"
+    aside = PROMETHEUS_NAMES | recorded_names()
+    missing = [
+        f"{where}: {name}"
+        for where, expr in rule_expressions() + dashboard_expressions()
+        for name in sorted(metric_names(expr))
+        if name not in aside and name not in live
+    ]
+    assert not missing, "not served by the running mesh:\n" + "\n".join(missing)
