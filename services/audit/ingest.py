@@ -25,6 +25,7 @@ from nats.js.errors import BadRequestError
 from services.audit.feed import PullFeed
 from services.audit.rows import Prepared, prepare
 from services.audit.store import AuditStore
+from services.common import metrics, tracing
 from services.common.audit.event import STREAM, SUBJECTS
 from services.common.audit.recorder import STREAM_CONFIG
 from services.common.events import Bus, ensure_stream
@@ -99,9 +100,13 @@ class Writer:
             await feed.stop()
 
     async def _decode(self, msg: Msg) -> Prepared | None:
+        metrics.received(CONSUMER, msg.reply)
         headers = msg.headers or {}
         try:
-            return prepare(msg.data, headers.get("Nats-Msg-Id", ""), datetime.now(UTC))
+            # Continues the audited call's trace: it shows when Audit took the event in (the
+            # batch's database write serves many traces, so it is not part of any).
+            with tracing.consume_span(CONSUMER, msg.subject, headers):
+                return prepare(msg.data, headers.get("Nats-Msg-Id", ""), datetime.now(UTC))
         except ValueError as error:
             self.stats.rejected += 1
             log.error("dropping malformed audit message on %s: %s", msg.subject, error)
@@ -123,9 +128,12 @@ class Writer:
                 delay = min(delay * 2, 5.0)
         self.stats.stored += appended.stored
         self.stats.duplicates += appended.duplicates
+        acked = 0
         for msg in messages:  # committed: now JetStream may forget them
             with contextlib.suppress(Exception):
                 await msg.ack()
+                acked += 1
+        metrics.acked(CONSUMER, acked)
         for tenant, sequence in appended.heads.items():
             with contextlib.suppress(Exception):
                 await self.bus.nc.publish(nudge_subject(tenant), str(sequence).encode())

@@ -3,6 +3,10 @@
 Publishing uses `Nats-Msg-Id` so that a retried publish is stored once (JetStream
 deduplicates within the stream's duplicate window); consumers must still be idempotent,
 because JetStream redelivers unacknowledged messages after a crash.
+
+`Bus.publish` goes through the NATS circuit breaker and waits for the ack at most the call's
+budget (services.common.dependency): with NATS down or hung it raises UNAVAILABLE naming NATS,
+at once while the breaker is open. (The audit recorder has its own bounded path and gate.)
 """
 
 from __future__ import annotations
@@ -15,12 +19,17 @@ from dataclasses import dataclass
 import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import StreamConfig
+from nats.js.api import PubAck, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
+from services.common import metrics, tracing
+from services.common.breaker import nats_failure
 from services.common.config import NatsConfig
+from services.common.dependency import Dependency
 
 log = logging.getLogger(__name__)
+
+NATS = Dependency("nats", "NATS", nats_failure)
 
 
 @dataclass
@@ -28,6 +37,31 @@ class Bus:
     nc: Client
     js: JetStreamContext
     closing: bool = False
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        stream: str,
+        msg_id: str,
+        ack_timeout: float | None = None,  # None: NATS.timeout (SOMA_DEPENDENCY_TIMEOUT_MS)
+        headers: dict[str, str] | None = None,
+    ) -> PubAck:
+        """A JetStream publish deduplicated by `msg_id`, in a producer span whose W3C
+        `traceparent` travels in the headers, so the consumer continues the trace."""
+        sent = {**(headers or {}), "Nats-Msg-Id": msg_id}
+        with tracing.publish_span(subject, stream, sent):
+            try:
+                async with NATS.guard(f"publish to {stream}", ack_timeout) as budget:
+                    ack = await self.js.publish(
+                        subject, payload, timeout=budget.seconds, stream=stream, headers=sent
+                    )
+            except Exception:
+                metrics.publish_failed(stream)
+                raise
+        metrics.published(stream)
+        return ack
 
     async def close(self) -> None:
         # close(), not drain(): drain waits for pull subscriptions' internal queues, which a

@@ -2,10 +2,16 @@
 
 Every call passes, outermost first:
 
-    telemetry -> errors -> authn -> authz -> audit -> handler
+    [stream owner -> tracing -> metrics ->] telemetry -> errors -> authn -> authz -> audit
+      -> handler
+
+* stream owner, tracing, metrics: added by services.common.server.create_server. The owner:
+  a streaming call's responses are written by a coroutine that closes the chain of generators
+  in the call's own task, however the call ends (see `StreamOwnerInterceptor`).
 
 * telemetry: request id (from Envoy's `x-request-id` or a new one) into the logging context,
-  one log line per call with method, status code and duration.
+  the caller's deadline into services.common.deadline (it bounds the call's waits on
+  PostgreSQL, NATS and OpenBao), one log line per call with method, status code and duration.
 * errors: the only place domain errors (services.common.errors) become a gRPC status with
   `google.rpc.Status` details; anything unexpected becomes INTERNAL with the request id and
   never leaks internals to the caller.
@@ -14,15 +20,17 @@ Every call passes, outermost first:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
 from grpc import aio
 
+from services.common import deadline
 from services.common.errors import SomaError, internal_status
 from services.common.logs import request_id_var
 
@@ -32,7 +40,7 @@ STATUS_DETAILS_KEY = "grpc-status-details-bin"
 QUIET_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 UnaryBehavior = Callable[[Any, aio.ServicerContext], Awaitable[Any]]
-StreamBehavior = Callable[[Any, aio.ServicerContext], AsyncIterator[Any]]
+StreamBehavior = Callable[[Any, aio.ServicerContext], AsyncGenerator[Any, None]]
 
 
 def _metadata(context: aio.ServicerContext, key: str) -> str | None:
@@ -87,6 +95,43 @@ class WrappingInterceptor(aio.ServerInterceptor):
         raise NotImplementedError
 
 
+class StreamOwnerInterceptor(WrappingInterceptor):
+    """Outermost: serves a streaming handler's responses itself, and closes the chain of
+    generators in the call's own task.
+
+    Given an async generator, grpc.aio iterates it and writes each response; when a write fails
+    (the client cancelled, the call ended) it leaves the generator suspended at its `yield` and
+    never closes it. Python then closes it when it is collected, from a new task in a *copy* of
+    the call's context: every `finally` of the interceptor chain runs there, where
+    `ContextVar.reset(token)` raises ValueError (our request id, the deadline) and OpenTelemetry
+    logs "Failed to detach context" for the server span; and it runs after grpc is done with
+    the call, where `context.peer()` (the audit event's) crashed the process with SIGSEGV.
+    Given a coroutine (grpc's reader/writer API), grpc just awaits it: this one writes the
+    responses and, however it ends, `aclose`s the chain before returning. Each layer of the
+    chain closes the generator it iterates in turn (`contextlib.aclosing`: `async for` does
+    not), so every `finally` runs in the call's task and context."""
+
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        if not handler.response_streaming:
+            return handler  # a coroutine already: awaited in the call's task
+
+        def around_stream(behavior: StreamBehavior) -> StreamBehavior:
+            async def call(request: Any, context: aio.ServicerContext) -> None:
+                responses: Any = behavior(request, context)
+                if not hasattr(responses, "__aiter__"):  # a reader/writer handler
+                    await responses
+                    return
+                try:
+                    async for response in responses:
+                        await context.write(response)
+                finally:
+                    await responses.aclose()
+
+            return call  # type: ignore[return-value]
+
+        return wrap_handler(handler, lambda behavior: behavior, around_stream)
+
+
 class TelemetryInterceptor(WrappingInterceptor):
     """Request id in every log line of the call, and one access line per call."""
 
@@ -94,7 +139,7 @@ class TelemetryInterceptor(WrappingInterceptor):
 
         def start(context: aio.ServicerContext) -> tuple[float, Any]:
             request_id = _metadata(context, "x-request-id") or uuid.uuid4().hex
-            return time.perf_counter(), request_id_var.set(request_id)
+            return time.perf_counter(), (request_id_var.set(request_id), deadline.begin(context))
 
         def finish(context: aio.ServicerContext, started: float, token: Any) -> None:
             code = context.code() or grpc.StatusCode.OK
@@ -107,7 +152,8 @@ class TelemetryInterceptor(WrappingInterceptor):
             else:
                 level = logging.INFO
             log.log(level, "%s %s %.1fms", method, code_name, elapsed_ms)
-            request_id_var.reset(token)
+            request_id_var.reset(token[0])
+            deadline.end(token[1])
 
         def around_unary(behavior: UnaryBehavior) -> UnaryBehavior:
             async def call(request: Any, context: aio.ServicerContext) -> Any:
@@ -120,11 +166,12 @@ class TelemetryInterceptor(WrappingInterceptor):
             return call
 
         def around_stream(behavior: StreamBehavior) -> StreamBehavior:
-            async def call(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            async def call(request: Any, context: aio.ServicerContext) -> AsyncGenerator[Any, None]:
                 started, token = start(context)
                 try:
-                    async for response in behavior(request, context):
-                        yield response
+                    async with contextlib.aclosing(behavior(request, context)) as responses:
+                        async for response in responses:  # closed here, in the call's task
+                            yield response
                 finally:
                     finish(context, started, token)
 
@@ -162,10 +209,11 @@ class ErrorInterceptor(WrappingInterceptor):
             return call
 
         def around_stream(behavior: StreamBehavior) -> StreamBehavior:
-            async def call(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            async def call(request: Any, context: aio.ServicerContext) -> AsyncGenerator[Any, None]:
                 try:
-                    async for response in behavior(request, context):
-                        yield response
+                    async with contextlib.aclosing(behavior(request, context)) as responses:
+                        async for response in responses:  # closed here, in the call's task
+                            yield response
                 except aio.AbortError:
                     raise
                 except Exception as error:

@@ -1,4 +1,5 @@
-"""Structured logging: every line carries the service, replica and the current request id.
+"""Structured logging: every line carries the service, replica, the current request id and
+the current trace id (empty outside a trace, or with tracing off).
 
 Handlers are configured only here, at a process's entry point; modules just use
 `logging.getLogger(__name__)`.
@@ -13,6 +14,7 @@ import time
 from contextvars import ContextVar
 
 from services.common.config import LogConfig
+from services.common.tracing import current_trace_id
 
 # Set by the telemetry interceptor for the duration of one call.
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
@@ -28,6 +30,9 @@ class _ContextFilter(logging.Filter):
         record.service = self.service
         record.replica = self.replica
         record.request_id = request_id_var.get()
+        record.trace_id = trace_id = current_trace_id()
+        # Text lines show the trace id only when there is one: `[request id trace=<id>]`.
+        record.trace_tag = f" trace={trace_id}" if trace_id else ""
         return True
 
 
@@ -43,6 +48,7 @@ class JsonFormatter(logging.Formatter):
             "service": getattr(record, "service", "-"),
             "replica": getattr(record, "replica", "-"),
             "request_id": getattr(record, "request_id", "-"),
+            "trace_id": getattr(record, "trace_id", ""),
             "message": record.getMessage(),
         }
         if record.exc_info:
@@ -50,7 +56,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-TEXT_FORMAT = "%(asctime)s %(levelname)-5s %(replica)s [%(request_id)s] %(name)s: %(message)s"
+TEXT_FORMAT = (
+    "%(asctime)s %(levelname)-5s %(replica)s [%(request_id)s%(trace_tag)s] %(name)s: %(message)s"
+)
 
 
 def configure_logging(config: LogConfig, service: str, replica: str) -> None:

@@ -20,8 +20,9 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from services.common import metrics, tracing
 from services.common.config import Config, load_config
-from services.common.interceptors import build_interceptors
+from services.common.interceptors import StreamOwnerInterceptor, build_interceptors
 from services.common.logs import configure_logging
 from services.common.reflection import enable_reflection
 from services.common.runtime import Runtime, open_runtime
@@ -73,7 +74,18 @@ async def create_server(
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
     server = aio.server(
-        interceptors=list(interceptors if interceptors is not None else build_interceptors()),
+        # The stream owner first: it writes a streaming call's responses and closes the chain of
+        # generators in the call's own task (grpc.aio leaves a generator it stopped writing
+        # unclosed, for Python to close later in another context: every `finally` of the chain
+        # would run there). Tracing next: the whole call, every log line included, runs
+        # inside its span. Metrics next: they see the final code of every call, refusals by
+        # authn/authz too.
+        interceptors=[
+            StreamOwnerInterceptor(),
+            *tracing.server_interceptors(),
+            *metrics.server_interceptors(),
+            *(interceptors if interceptors is not None else build_interceptors()),
+        ],
         options=options,
     )
     register(server)
@@ -88,6 +100,17 @@ async def create_server(
     running = RunningServer(server, port, health, tuple(service_names))
     await running.set_serving(False)
     return running
+
+
+def setup_metrics(config: Config) -> int | None:
+    """Names this process in its metrics and, when SOMA_METRICS_PORT is set, serves them on
+    loopback. Call before `create_server`: the RPC metrics interceptor is added only then."""
+    metrics.init(config.service)
+    if not config.server.metrics_port:
+        return None
+    port = metrics.start_metrics_server(config.server.metrics_port)
+    log.info("metrics on http://127.0.0.1:%d/metrics", port)
+    return port
 
 
 @dataclass
@@ -111,9 +134,12 @@ async def _serve(config: Config, env: Mapping[str, str], opener: Opener) -> None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    setup_metrics(config)
     runtime = await open_runtime(config, env, draining)
+    metrics.watch_pool(runtime.pool)
     try:
         parts = await opener(runtime)
+        runtime.serving()  # migrations done: bound every wait on PostgreSQL from now on
         try:
             running = await create_server(
                 config, parts.service_names, parts.register, runtime.interceptors()
@@ -145,12 +171,23 @@ def serve(service: str, opener: Opener) -> None:
     config = load_config(service, os.environ)
     configure_logging(config.log, service, config.server.replica)
     log.info("starting %s with %s", service, config.server)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(config, os.environ, opener))
+    tracing.setup_tracing(service, config.server.replica, os.environ)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_serve(config, os.environ, opener))
+    finally:
+        tracing.shutdown_tracing()  # spans still buffered are exported (bounded)
 
 
 def unimplemented_note(method: str, issue: int) -> str:
     return f"{method} is part of the contract but not implemented yet (issue #{issue})"
 
 
-__all__ = ["RunningServer", "ServiceParts", "create_server", "serve", "unimplemented_note"]
+__all__ = [
+    "RunningServer",
+    "ServiceParts",
+    "create_server",
+    "serve",
+    "setup_metrics",
+    "unimplemented_note",
+]

@@ -15,8 +15,11 @@ import asyncio
 import logging
 
 import nats.errors
+from nats.aio.msg import Msg
 from nats.js.errors import FetchTimeoutError
 
+from services.common import metrics, tracing
+from services.common.errors import Unavailable
 from services.common.events import Bus
 from services.gateway import queue
 from services.gateway.store import SessionStore
@@ -34,14 +37,15 @@ class Publisher:
     async def publish(self, job: queue.Job) -> bool:
         """True when JetStream acknowledged the job (now or in an earlier attempt)."""
         try:
-            await self.bus.js.publish(
+            await self.bus.publish(
                 queue.inbound_subject(job.partition, job.session_id),
                 job.encode(),
-                timeout=PUBLISH_TIMEOUT,
+                ack_timeout=PUBLISH_TIMEOUT,
                 stream=queue.STREAM,
-                headers={"Nats-Msg-Id": job.message_id},
+                msg_id=job.message_id,
             )
-        except (nats.errors.Error, TimeoutError, OSError) as error:
+        except (nats.errors.Error, TimeoutError, OSError, Unavailable) as error:
+            # Unavailable: NATS's breaker is open or the ack did not come within the budget.
             log.warning("message %s left in the outbox: %s", job.message_id, error or type(error))
             return False
         await self.store.mark_published([job.message_id])
@@ -77,6 +81,29 @@ class Publisher:
                 log.exception("outbox round failed; retrying")
 
 
+async def _ingest_reply(msg: Msg, store: SessionStore, publisher: Publisher) -> None:
+    metrics.received(queue.REPLIES_CONSUMER, msg.reply)
+    try:
+        reply = queue.Reply.decode(msg.data)
+    except (ValueError, TypeError) as error:
+        log.error("dropping malformed reply on %s: %s", msg.subject, error)
+        await msg.term()
+        return
+    seq = await store.record_reply(
+        tenant=reply.tenant,
+        session_id=reply.session_id,
+        message_id=reply.message_id,
+        content=reply.content,
+        tool=reply.tool,
+        cache_hit=reply.cache_hit,
+        error=reply.error,
+    )
+    await msg.ack()
+    metrics.acked(queue.REPLIES_CONSUMER)
+    if seq:
+        await publisher.nudge(reply.session_id)
+
+
 async def run_reply_ingester(bus: Bus, store: SessionStore, publisher: Publisher) -> None:
     subscription = None
     while True:
@@ -90,24 +117,9 @@ async def run_reply_ingester(bus: Bus, store: SessionStore, publisher: Publisher
             except (FetchTimeoutError, TimeoutError):
                 continue
             for msg in messages:
-                try:
-                    reply = queue.Reply.decode(msg.data)
-                except (ValueError, TypeError) as error:
-                    log.error("dropping malformed reply on %s: %s", msg.subject, error)
-                    await msg.term()
-                    continue
-                seq = await store.record_reply(
-                    tenant=reply.tenant,
-                    session_id=reply.session_id,
-                    message_id=reply.message_id,
-                    content=reply.content,
-                    tool=reply.tool,
-                    cache_hit=reply.cache_hit,
-                    error=reply.error,
-                )
-                await msg.ack()
-                if seq:
-                    await publisher.nudge(reply.session_id)
+                # The worker's traceparent: storing the reply ends the request's trace.
+                with tracing.consume_span(queue.REPLIES_CONSUMER, msg.subject, msg.headers):
+                    await _ingest_reply(msg, store, publisher)
         except asyncio.CancelledError:
             raise
         except Exception as error:

@@ -21,13 +21,15 @@ import os
 import re
 import signal
 
+from nats.aio.msg import Msg
 from nats.js.errors import BucketNotFoundError, FetchTimeoutError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from services.common import metrics, tracing
 from services.common.config import Config, load_config
 from services.common.events import Bus, connect
 from services.common.logs import configure_logging
-from services.common.server import create_server
+from services.common.server import create_server, setup_metrics
 from services.gateway import queue
 from services.gateway.tools import TOOLS
 
@@ -69,6 +71,7 @@ async def answer(job: queue.Job, cache: KeyValue) -> queue.Reply:
     try:
         entry = await cache.get(key)
         if entry.value is not None:
+            metrics.cache_lookup("tool_result", True)
             return queue.Reply(
                 job.message_id,
                 job.session_id,
@@ -80,6 +83,7 @@ async def answer(job: queue.Job, cache: KeyValue) -> queue.Reply:
             )
     except KeyNotFoundError:
         pass
+    metrics.cache_lookup("tool_result", False)
     result = tool(job.content)
     await cache.put(key, result.encode())
     return queue.Reply(
@@ -88,9 +92,8 @@ async def answer(job: queue.Job, cache: KeyValue) -> queue.Reply:
 
 
 async def serve_partition(bus: Bus, cache: KeyValue, partition: int, stop: asyncio.Event) -> None:
-    subscription = await bus.js.pull_subscribe_bind(
-        durable=queue.worker_consumer(partition), stream=queue.STREAM
-    )
+    consumer = queue.worker_consumer(partition)
+    subscription = await bus.js.pull_subscribe_bind(durable=consumer, stream=queue.STREAM)
     log.info("serving partition %d", partition)
     while not stop.is_set():
         try:
@@ -102,32 +105,41 @@ async def serve_partition(bus: Bus, cache: KeyValue, partition: int, stop: async
             await asyncio.sleep(0.5)
             continue
         for msg in messages:
-            try:
-                job = queue.Job.decode(msg.data)
-            except (ValueError, TypeError) as error:
-                log.error("terminating malformed message on %s: %s", msg.subject, error)
-                await msg.term()
-                continue
-            try:
-                reply = await answer(job, cache)
-                await bus.js.publish(
-                    queue.reply_subject(job.partition, job.session_id),
-                    reply.encode(),
-                    stream=queue.STREAM,
-                    headers={"Nats-Msg-Id": queue.reply_msg_id(job.message_id)},
-                )
-                await msg.ack()
-                log.info(
-                    "answered %s with %s (cache %s)",
-                    job.message_id,
-                    job.tool,
-                    "hit" if reply.cache_hit else "miss",
-                )
-            except Exception as error:
-                # Not acknowledged: JetStream redelivers it after ack_wait; a NAK speeds that up.
-                log.warning("message %s not answered yet: %s", job.message_id, error)
-                with contextlib.suppress(Exception):
-                    await msg.nak(delay=1.0)
+            metrics.received(consumer, msg.reply)
+            # Continues the Gateway's trace; the reply's traceparent points back here.
+            with tracing.consume_span(consumer, msg.subject, msg.headers):
+                await handle(bus, cache, msg)
+
+
+async def handle(bus: Bus, cache: KeyValue, msg: Msg) -> None:
+    """Answers one user message: reply published (deduplicated), then the message acked."""
+    try:
+        job = queue.Job.decode(msg.data)
+    except (ValueError, TypeError) as error:
+        log.error("terminating malformed message on %s: %s", msg.subject, error)
+        await msg.term()
+        return
+    try:
+        reply = await answer(job, cache)
+        await bus.publish(
+            queue.reply_subject(job.partition, job.session_id),
+            reply.encode(),
+            stream=queue.STREAM,
+            msg_id=queue.reply_msg_id(job.message_id),
+        )
+        await msg.ack()
+        metrics.acked(queue.worker_consumer(job.partition))
+        log.info(
+            "answered %s with %s (cache %s)",
+            job.message_id,
+            job.tool,
+            "hit" if reply.cache_hit else "miss",
+        )
+    except Exception as error:
+        # Not acknowledged: JetStream redelivers it after ack_wait; a NAK speeds that up.
+        log.warning("message %s not answered yet: %s", job.message_id, error)
+        with contextlib.suppress(Exception):
+            await msg.nak(delay=1.0)
 
 
 def assigned_partitions(config: Config, env: dict[str, str]) -> list[int]:
@@ -145,6 +157,7 @@ async def run(config: Config, partitions: list[int]) -> None:
     bus = await connect(config.nats, config.server.replica)
     await queue.ensure_queue(bus.js, config.partitions)
     cache = await open_cache(bus)
+    setup_metrics(config)
     running = await create_server(config, [HEALTH_NAME], lambda server: None)
     tasks = [asyncio.create_task(serve_partition(bus, cache, p, stop)) for p in partitions]
     await running.set_serving(True)
@@ -164,8 +177,12 @@ def main() -> None:
     env = dict(os.environ)
     config = load_config("worker", env)
     configure_logging(config.log, "worker", config.server.replica)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run(config, assigned_partitions(config, env)))
+    tracing.setup_tracing("worker", config.server.replica, env)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run(config, assigned_partitions(config, env)))
+    finally:
+        tracing.shutdown_tracing()
 
 
 if __name__ == "__main__":

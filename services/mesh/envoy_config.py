@@ -23,6 +23,7 @@ import yaml
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
+from services.common.tracing import ENVOY_SERVICE_NAME, TraceSettings
 from services.mesh.topology import SERVICES, Endpoint, Topology
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 SELF_CLUSTER = "self"  # Envoy's own listener, for the legacy-alias second hop
+TRACE_COLLECTOR_CLUSTER = "otlp_collector"
 API_VERSION_HEADER = "x-api-version"
 # Set by Envoy on requests that arrived as REST/JSON (not gRPC, not gRPC-Web); a client's own
 # value is dropped first. Local-reply JSON mapping keys on it because the transcoder rewrites
@@ -440,6 +442,10 @@ def _cluster(
                 "interval": _dur(limits.od_interval_s),
                 "base_ejection_time": _dur(limits.od_base_ejection_time_s),
                 "max_ejection_percent": limits.od_max_ejection_percent,
+                # Envoy's default, stated: a replica ejected for errors it answered (UNAVAILABLE
+                # while a shared dependency is down) is back at its next passed health check,
+                # not after base_ejection_time x ejections (gateway-config/limits.yaml).
+                "successful_active_health_check_uneject_host": True,
             },
             "circuit_breakers": {
                 "thresholds": [
@@ -456,6 +462,37 @@ def _cluster(
         }
     )
     return cluster
+
+
+def _tracing(topology: Topology, limits: LimitsConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(HCM `tracing`, collector cluster): Envoy starts the trace of every request it samples
+    (`random_sampling`) and passes `traceparent` upstream, so a service's span is its child."""
+    host, port, tls = TraceSettings(
+        topology.otlp_endpoint, topology.trace_sample
+    ).collector_address()
+    cluster = _cluster(TRACE_COLLECTOR_CLUSTER, [Endpoint(host, port)], limits, None)
+    if tls:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": _typed(
+                "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", sni=host
+            ),
+        }
+    tracing = {
+        "random_sampling": {"value": round(topology.trace_sample * 100.0, 4)},
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": _typed(
+                "envoy.config.trace.v3.OpenTelemetryConfig",
+                grpc_service={
+                    "envoy_grpc": {"cluster_name": TRACE_COLLECTOR_CLUSTER},
+                    "timeout": "1s",
+                },
+                service_name=ENVOY_SERVICE_NAME,
+            ),
+        },
+    }
+    return tracing, cluster
 
 
 def _grpc_route(
@@ -855,6 +892,9 @@ def render_envoy_config(
         },
         http_filters=_http_filters(topology, services, cfg),
     )
+    if topology.otlp_endpoint:
+        hcm["tracing"], collector = _tracing(topology, limits)
+        clusters.append(collector)
     return {
         "node": {"id": "soma-edge", "cluster": "soma-mesh"},
         "admin": {

@@ -39,3 +39,6 @@ class Topology:
     run_dir: Path  # where rendered files (envoy.json, ...) are written
     api_version: str = API_VERSION
     extra: dict[str, str] = field(default_factory=dict)
+    # Where Envoy sends its spans (OTEL_EXPORTER_OTLP_ENDPOINT); "" = Envoy does not trace.
+    otlp_endpoint: str = ""
+    trace_sample: float = 1.0  # share of requests Envoy starts a sampled trace for (0..1)

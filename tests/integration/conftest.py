@@ -12,14 +12,29 @@ import grpc
 import pytest
 
 from tests.integration.harness import MeshRunner, authed_channel
+from tests.otlp_collector import TraceCollector
 
 
 @pytest.fixture(scope="session")
-def mesh() -> Iterator[MeshRunner]:
+def trace_collector() -> Iterator[TraceCollector]:
+    """An in-process OTLP collector the mesh exports every span to (started before it)."""
+    with TraceCollector() as collector:
+        yield collector
+
+
+@pytest.fixture(scope="session")
+def mesh(trace_collector: TraceCollector) -> Iterator[MeshRunner]:
     # Not under /root: pgserver makes every parent of its data dir readable (see STACK.md).
     base = Path(tempfile.mkdtemp(prefix="soma-it-", dir="/tmp"))
     # Every read audited, so the audit tests can count reads too (the default samples 0.1).
-    runner = MeshRunner(base / "data", env={"SOMA_AUDIT_READ_SAMPLE": "1.0"})
+    # Every request traced (tests/integration/test_tracing.py); spans exported within 0.2 s.
+    env = {
+        "SOMA_AUDIT_READ_SAMPLE": "1.0",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": trace_collector.endpoint,
+        "SOMA_TRACE_SAMPLE": "1.0",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+    }
+    runner = MeshRunner(base / "data", env=env)
     try:
         runner.start()
         runner.admin_key = runner.create_key(tenant="default", roles=("admin",))

@@ -25,6 +25,7 @@ from google.protobuf import descriptor, timestamp_pb2
 from google.protobuf.message import Message
 
 from services.common.auth.principal import Principal
+from services.common.tracing import current_trace_id
 from soma.audit.v1 import resources_pb2 as pb
 
 STREAM = "AUDIT"
@@ -243,7 +244,9 @@ def call_info(metadata: Iterable[Any], peer: str | None, request_id: str = "") -
         client_address=clean_value(forwarded) if forwarded else peer_address(peer),
         user_agent=clean_value(user_agent),
         request_id=clean_value(request_id or header_request_id),
-        trace_id=trace_id_from(traceparent),
+        # The current span's trace (tracing on) is the one every log line of the call names;
+        # else the caller's traceparent, e.g. Envoy's, still links the event to its request.
+        trace_id=current_trace_id() or trace_id_from(traceparent),
     )
 
 

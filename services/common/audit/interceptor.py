@@ -19,9 +19,10 @@ Handlers may add to their call's event with `annotate(resource=..., tenant=..., 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -238,15 +239,16 @@ class AuditInterceptor(WrappingInterceptor):
             return call
 
         def around_stream(behavior: StreamBehavior) -> StreamBehavior:
-            async def call(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            async def call(request: Any, context: aio.ServicerContext) -> AsyncGenerator[Any, None]:
                 note = Annotation()
                 token = _annotation.set(note)
                 error: BaseException | None = None
                 try:
                     if gated:
                         await recorder.ensure_durable()
-                    async for response in behavior(request, context):
-                        yield response
+                    async with contextlib.aclosing(behavior(request, context)) as responses:
+                        async for response in responses:  # closed here, in the call's task
+                            yield response
                 except BaseException as raised:
                     error = raised
                     raise
