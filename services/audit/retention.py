@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 POLICY_NAME = "retentionPolicy"
 MIN_RETENTION = timedelta(days=1)
+PURGE_TIMEOUT = 300.0  # seconds one tenant's purge may take (a background task, no caller)
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,9 @@ class Retention:
 
     async def purge(self, tenant: str, now: datetime | None = None) -> PurgeResult:
         """Applies the tenant's policy once."""
-        async with self.pool.acquire() as conn, conn.transaction():
+        # A purge may delete millions of rows in one transaction: it gets its own bound, not
+        # the 3 s every call's unit of work gets (services.common.db.GuardedPool).
+        async with self.pool.acquire(timeout=PURGE_TIMEOUT) as conn, conn.transaction():
             seconds = await conn.fetchval(
                 "SELECT retention_seconds FROM audit_retention WHERE tenant = $1", tenant
             )

@@ -8,7 +8,8 @@
      ├── PermissionDenied          PERMISSION_DENIED
      ├── Unauthenticated           UNAUTHENTICATED
      ├── ResourceExhausted         RESOURCE_EXHAUSTED (optional retry delay)
-     └── Unavailable               UNAVAILABLE (a dependency is down; retry later)
+     ├── Unavailable               UNAVAILABLE (a dependency is down; retry later)
+     └── DeadlineExceeded          DEADLINE_EXCEEDED (the caller's deadline ran out first)
 
 Handlers raise these; the error interceptor (services.common.interceptors) is the only place
 that turns them into a gRPC status, so messages stay consistent across services.
@@ -134,6 +135,11 @@ class ResourceExhausted(SomaError):
 class Unavailable(SomaError):
     code = grpc.StatusCode.UNAVAILABLE
     default_reason = "UNAVAILABLE"
+
+
+class DeadlineExceeded(SomaError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
 
 
 def internal_status(request_id: str) -> status_pb2.Status:

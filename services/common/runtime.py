@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import asyncpg
 from grpc import aio
 
+from services.common import dependency
 from services.common.audit.interceptor import AuditHooks, AuditInterceptor
 from services.common.audit.recorder import AuditRecorder
 from services.common.audit.settings import load_audit_config
@@ -22,6 +23,7 @@ from services.common.auth.authn import Authenticator, AuthnInterceptor
 from services.common.auth.authz import AuthzInterceptor, PolicyEngine, policy_file
 from services.common.auth.settings import load_auth_config
 from services.common.config import Config, require_database
+from services.common.db import GuardedPool, create_pool
 from services.common.events import Bus, connect
 from services.common.interceptors import build_interceptors
 
@@ -35,6 +37,12 @@ class Runtime:
     auth: Authenticator
     policy: PolicyEngine
     audit: AuditRecorder | None = None  # None when SOMA_AUDIT=off
+
+    def serving(self) -> None:
+        """Start-up (migrations) is done: from now on every unit of work on PostgreSQL is
+        bounded (services.common.db.GuardedPool)."""
+        if isinstance(self.pool, GuardedPool):
+            self.pool.bound()
 
     def interceptors(self) -> Sequence[aio.ServerInterceptor]:
         if self.audit is None:
@@ -62,7 +70,8 @@ async def open_runtime(config: Config, env: Mapping[str, str], draining: asyncio
     database = require_database(config)
     policy = PolicyEngine(policy_file(env))  # a broken policy stops the start, naming the file
     audit_config = load_audit_config(env)
-    pool = await asyncpg.create_pool(database.url, min_size=1, max_size=database.pool_max)
+    dependency.configure(env)  # SOMA_DEPENDENCY_TIMEOUT_MS
+    pool = await create_pool(database)
     try:
         bus = await connect(config.nats, config.server.replica)
         try:

@@ -3,17 +3,24 @@
 hvac is blocking: the `*_async` variants run it in a thread. Every call retries for a short
 while when OpenBao is not up yet (connection refused, sealed, no raft leader): the mesh starts
 the services in parallel with OpenBao's unseal.
+
+Calls made while serving requests go through `call`: the OpenBao circuit breaker, a wait
+bounded by the call's budget (services.common.dependency; retries included) and a thread
+pool of their own, so that a hung OpenBao cannot occupy the default executor that the audit
+outbox and other blocking work share.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import json
 import logging
 import secrets
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import hvac
@@ -22,7 +29,10 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from hvac import exceptions as hvac_errors
 from jwt.algorithms import ECAlgorithm
 
+from services.common.breaker import openbao_failure
 from services.common.config import VaultConfig
+from services.common.dependency import REASON, Dependency
+from services.common.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +56,36 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
 )
 
 
-class VaultUnavailable(RuntimeError):
-    """OpenBao did not answer usefully within the retry window."""
+class VaultUnavailable(Unavailable):
+    """OpenBao did not answer usefully within the retry window (UNAVAILABLE to a caller)."""
+
+    default_reason = REASON
+
+    def __init__(
+        self, message: str, *, reason: str | None = None, metadata: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message, reason=reason, metadata=metadata or {"dependency": "openbao"})
 
 
-def client(vault: VaultConfig) -> hvac.Client:
-    return hvac.Client(url=vault.addr, token=vault.token, timeout=10)
+OPENBAO = Dependency("openbao", "OpenBao", openbao_failure, error=VaultUnavailable)
+# hvac blocks a thread per call; a hung OpenBao holds each for up to the client timeout.
+_EXECUTOR = ThreadPoolExecutor(max_workers=4, thread_name_prefix="openbao")
+
+
+def client(vault: VaultConfig, timeout: float = 10.0) -> hvac.Client:
+    """An hvac client; `timeout` bounds each HTTP connect and read (seconds)."""
+    return hvac.Client(url=vault.addr, token=vault.token, timeout=timeout)
+
+
+async def call(fn: Callable[[float], T], what: str) -> T:
+    """Runs blocking `fn(budget_seconds)` for a request: refused at once while OpenBao's
+    breaker is open, abandoned (UNAVAILABLE naming OpenBao) when the budget runs out. `fn`
+    should bound its own retries and HTTP waits by the budget it is given, so that its
+    thread is freed soon after."""
+    async with OPENBAO.guard(what) as budget:
+        loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()  # the trace and request id, in the thread too
+        return await loop.run_in_executor(_EXECUTOR, context.run, fn, budget.seconds)
 
 
 def with_retry(fn: Callable[[], T], what: str, seconds: float = RETRY_SECONDS) -> T:
@@ -122,13 +156,14 @@ def public_jwk(pem: str, kid: str) -> dict[str, Any]:
 
 
 def transit_public_keys(
-    vault: VaultConfig, key_name: str = JWT_KEY_NAME
+    vault: VaultConfig, key_name: str = JWT_KEY_NAME, seconds: float = RETRY_SECONDS
 ) -> dict[str, dict[str, Any]]:
-    """kid -> JWK of every version of transit key `key_name` that can still verify.
+    """kid -> JWK of every version of transit key `key_name` that can still verify, asking
+    OpenBao for at most about `seconds`.
 
     Empty when the key does not exist yet (the Keys service creates it on start).
     """
-    c = client(vault)
+    c = client(vault, timeout=min(seconds, 10.0))
 
     def attempt() -> dict[str, dict[str, Any]]:
         try:
@@ -144,10 +179,13 @@ def transit_public_keys(
                 keys[kid] = public_jwk(pem, kid)
         return keys
 
-    return with_retry(attempt, f"read transit key {key_name}")
+    return with_retry(attempt, f"read transit key {key_name}", seconds)
 
 
 async def transit_public_keys_async(
     vault: VaultConfig, key_name: str = JWT_KEY_NAME
 ) -> dict[str, dict[str, Any]]:
-    return await asyncio.to_thread(transit_public_keys, vault, key_name)
+    return await call(
+        lambda seconds: transit_public_keys(vault, key_name, seconds),
+        f"read transit key {key_name}",
+    )

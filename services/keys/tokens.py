@@ -6,7 +6,10 @@ a pinned key version, and use that version as the `kid` (`soma-jwt-v<N>`). Verif
 public keys from `read_key` (services.common.vault.transit_public_keys), so a rotation adds a kid
 and tokens signed by the previous version verify until they expire.
 
-hvac is blocking: every OpenBao call runs in a thread.
+hvac is blocking: every OpenBao call runs in a thread. Calls made for a request go through
+`vault.call` (OpenBao's circuit breaker, a wait bounded by the call's budget): with OpenBao
+down or hung, IssueToken answers UNAVAILABLE within seconds, and at once while the breaker is
+open; GetJwks keeps serving the last key set it read.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from hvac import exceptions as hvac_errors
 from services.common import vault
 from services.common.auth.principal import Principal
 from services.common.config import VaultConfig
+from services.common.errors import Unavailable
 from soma.keys.v1 import resources_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -35,6 +39,7 @@ ALGORITHM = "ES256"
 TOKEN_TYPE = "at+jwt"
 KEY_TYPE = "ecdsa-p256"
 JWKS_CACHE_SECONDS = 30.0
+STALE_RETRY_SECONDS = 5.0  # while OpenBao is unavailable, how often GetJwks asks it again
 
 
 def b64url(data: bytes) -> str:
@@ -126,10 +131,12 @@ def _latest_version(c: hvac.Client, key_name: str) -> int | None:
     return int(data["latest_version"])
 
 
-def ensure_signing_key(config: VaultConfig, key_name: str = vault.JWT_KEY_NAME) -> int:
+def ensure_signing_key(
+    config: VaultConfig, key_name: str = vault.JWT_KEY_NAME, seconds: float = vault.RETRY_SECONDS
+) -> int:
     """Creates the transit key if missing (idempotent across replicas); returns its latest
-    version."""
-    c = vault.client(config)
+    version. Gives OpenBao about `seconds` (retries included)."""
+    c = vault.client(config, timeout=min(seconds, 10.0))
 
     def attempt() -> int:
         latest = _latest_version(c, key_name)
@@ -144,13 +151,15 @@ def ensure_signing_key(config: VaultConfig, key_name: str = vault.JWT_KEY_NAME) 
             raise vault.VaultUnavailable(f"transit key {key_name} vanished after creation")
         return created
 
-    return vault.with_retry(attempt, f"ensure transit key {key_name}")
+    return vault.with_retry(attempt, f"ensure transit key {key_name}", seconds)
 
 
-def rotate_signing_key(config: VaultConfig, key_name: str = vault.JWT_KEY_NAME) -> str:
+def rotate_signing_key(
+    config: VaultConfig, key_name: str = vault.JWT_KEY_NAME, seconds: float = vault.RETRY_SECONDS
+) -> str:
     """Adds a signing key version and returns its kid. Earlier versions stay in the JWKS (every
     version >= min_decryption_version), so tokens they signed verify until they expire."""
-    c = vault.client(config)
+    c = vault.client(config, timeout=min(seconds, 10.0))
 
     def attempt() -> int:
         c.secrets.transit.rotate_key(name=key_name, mount_point=vault.TRANSIT_MOUNT)
@@ -159,7 +168,7 @@ def rotate_signing_key(config: VaultConfig, key_name: str = vault.JWT_KEY_NAME) 
             raise vault.VaultUnavailable(f"transit key {key_name} does not exist")
         return latest
 
-    version = vault.with_retry(attempt, f"rotate transit key {key_name}")
+    version = vault.with_retry(attempt, f"rotate transit key {key_name}", seconds)
     log.info("rotated transit key %s to version %d", key_name, version)
     return vault.kid_for(version, key_name)
 
@@ -182,6 +191,11 @@ class _Cached:
     at: float
 
 
+def _stale_stamp() -> float:
+    """A cache time that makes the stale entry expire STALE_RETRY_SECONDS from now."""
+    return time.monotonic() - JWKS_CACHE_SECONDS + STALE_RETRY_SECONDS
+
+
 class TransitSigner:
     """Signs tokens and serves the JWKS; one per process. The signing version is refreshed
     with the JWKS, so a rotation made elsewhere (the admin command) is picked up within
@@ -190,7 +204,8 @@ class TransitSigner:
     def __init__(self, config: VaultConfig, key_name: str = vault.JWT_KEY_NAME) -> None:
         self.config = config
         self.key_name = key_name
-        self._client = vault.client(config)
+        # Request-path calls: each HTTP wait bounded like the call (SOMA_DEPENDENCY_TIMEOUT_MS).
+        self._client = vault.client(config, timeout=vault.OPENBAO.timeout)
         self._version: int | None = None
         self._jwks: _Cached | None = None
         self._lock = asyncio.Lock()
@@ -206,7 +221,16 @@ class TransitSigner:
             cached = self._jwks
             if cached is not None and time.monotonic() - cached.at < JWKS_CACHE_SECONDS:
                 return dict(cached.value)
-            keys = await vault.transit_public_keys_async(self.config, self.key_name)
+            try:
+                keys = await vault.transit_public_keys_async(self.config, self.key_name)
+            except Unavailable as error:
+                if cached is None:
+                    raise
+                # Keys change only on rotation: the last set read is the best answer while
+                # OpenBao is away. Asked again after STALE_RETRY_SECONDS, not on every call.
+                log.warning("serving the last JWKS read: %s", error.message)
+                self._jwks = _Cached(cached.value, _stale_stamp())
+                return dict(cached.value)
             if keys:
                 self._version = max(version_of(kid) for kid in keys)
             self._jwks = _Cached(keys, time.monotonic())
@@ -220,14 +244,19 @@ class TransitSigner:
         """Returns (compact JWT, kid)."""
         await self.jwks()  # refreshes the signing version when the cache is stale
         if self._version is None:
-            self._version = await asyncio.to_thread(ensure_signing_key, self.config, self.key_name)
+            self._version = await vault.call(
+                lambda seconds: ensure_signing_key(self.config, self.key_name, seconds),
+                f"ensure transit key {self.key_name}",
+            )
         version = self._version
         kid = vault.kid_for(version, self.key_name)
         data = signing_input(token_header(kid), claims)
-        result = await asyncio.to_thread(
-            vault.with_retry,
-            lambda: _sign(self._client, self.key_name, version, data),
-            f"sign with {self.key_name}",
+        what = f"sign with {self.key_name}"
+        result = await vault.call(
+            lambda seconds: vault.with_retry(
+                lambda: _sign(self._client, self.key_name, version, data), what, seconds
+            ),
+            what,
         )
         signed_version, signature = parse_transit_signature(result)
         if signed_version != version:
@@ -235,7 +264,10 @@ class TransitSigner:
         return f"{data}.{signature}", kid
 
     async def rotate(self) -> str:
-        kid = await asyncio.to_thread(rotate_signing_key, self.config, self.key_name)
+        kid = await vault.call(
+            lambda seconds: rotate_signing_key(self.config, self.key_name, seconds),
+            f"rotate transit key {self.key_name}",
+        )
         self._version = version_of(kid)
         self.forget()
         return kid

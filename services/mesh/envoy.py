@@ -8,6 +8,7 @@ forces it (the supervisor's own tests use that, so they do not depend on the ser
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -44,7 +45,21 @@ def envoy_binary() -> str:
     return found
 
 
+def require_loopback_admin(topology: Topology) -> None:
+    """Envoy's admin answers anyone who reaches it, without authentication: /config_dump shows
+    the whole configuration, POST /quitquitquit stops Envoy, /runtime_modify changes it. So it
+    listens on loopback only, whichever bootstrap is written."""
+    host = topology.admin.host
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"Envoy admin must listen on loopback, not {host}")
+
+
 def write_config(topology: Topology, minimal: bool = False) -> Path:
+    require_loopback_admin(topology)
     if minimal:  # the built-in bootstrap (tests of the supervisor itself)
         return _write_minimal(topology)
     try:

@@ -1,12 +1,21 @@
-"""`soma-mesh status` and `soma-mesh down`: read state.json, probe every part for real."""
+"""`soma-mesh status` and `soma-mesh down`: read state.json, probe every part for real.
+
+Besides our own probe of each replica, `status` shows Envoy's view of it — what decides whether
+calls reach it — read from Envoy's admin `/clusters?format=json` (loopback only): `healthy`,
+`failed health check` (active gRPC health checks), `ejected` (outlier detection: it kept
+failing calls), or `not in Envoy`.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
+import urllib.request
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,14 +89,112 @@ async def _nats_connect(url: str) -> ProbeResult:
     return ProbeResult(True, "connected")
 
 
+# -- Envoy's view of the replicas ------------------------------------------------------------
+
+# HostHealthStatus flags of Envoy's admin /clusters?format=json, in the words `status` shows.
+_ENVOY_FLAGS = {
+    "failed_active_health_check": "failed health check",
+    "failed_outlier_check": "ejected",
+    "failed_active_degraded_check": "degraded",
+    "pending_active_hc": "awaiting first health check",
+    "pending_dynamic_removal": "being removed",
+    "excluded_via_immediate_hc_fail": "excluded",
+    "active_hc_timeout": "health check timed out",
+}
+NOT_IN_ENVOY = "not in Envoy"
+
+
+@dataclass(frozen=True)
+class EnvoyHost:
+    """One upstream host as Envoy sees it."""
+
+    cluster: str
+    state: str  # "healthy", or the flags joined: "failed health check, ejected"
+    flags: tuple[str, ...] = ()
+    stats: dict[str, int] = field(default_factory=dict)  # rq_active, rq_error, cx_connect_fail...
+
+    @property
+    def healthy(self) -> bool:
+        return not self.flags
+
+
+def parse_clusters(document: Mapping[str, Any]) -> dict[str, EnvoyHost]:
+    """`host:port` -> EnvoyHost, from the JSON of Envoy's admin `/clusters?format=json`."""
+    hosts: dict[str, EnvoyHost] = {}
+    for cluster in document.get("cluster_statuses") or ():
+        for host in cluster.get("host_statuses") or ():
+            socket = (host.get("address") or {}).get("socket_address") or {}
+            if "address" not in socket:
+                continue  # a pipe or an internal address: not one of our replicas
+            health = host.get("health_status") or {}
+            flags = [word for key, word in _ENVOY_FLAGS.items() if health.get(key)]
+            eds = str(health.get("eds_health_status") or "HEALTHY")
+            if eds != "HEALTHY":
+                flags.append(eds.lower())
+            stats = {
+                str(s["name"]): int(s["value"])
+                for s in host.get("stats") or ()
+                if "name" in s and str(s.get("value", "")).isdigit()
+            }
+            hosts[f"{socket['address']}:{socket.get('port_value', 0)}"] = EnvoyHost(
+                cluster=str(cluster.get("name", "")),
+                state=", ".join(flags) or "healthy",
+                flags=tuple(flags),
+                stats=stats,
+            )
+    return hosts
+
+
+def _get_json(url: str, wait_s: float) -> Any:
+    with urllib.request.urlopen(url, timeout=wait_s) as resp:  # HTTPError is an OSError
+        return json.loads(resp.read())
+
+
+async def envoy_hosts(admin: str, wait_s: float = 2.0) -> dict[str, EnvoyHost]:
+    """Envoy's view of every upstream host; raises OSError/ValueError if admin cannot tell."""
+    document = await asyncio.to_thread(_get_json, f"http://{admin}/clusters?format=json", wait_s)
+    if not isinstance(document, dict):
+        raise ValueError("Envoy admin /clusters did not answer a JSON object")
+    return parse_clusters(document)
+
+
+def attach_envoy_view(parts: list[dict[str, Any]], hosts: Mapping[str, EnvoyHost]) -> None:
+    """Sets `envoy` {state, healthy, cluster, stats} on every service replica part."""
+    for part in parts:
+        if part.get("kind") != "service":
+            continue  # only the service replicas sit behind Envoy
+        host = hosts.get(str(part.get("address")))
+        if host is None:
+            part["envoy"] = {"state": NOT_IN_ENVOY, "healthy": False}
+        else:
+            part["envoy"] = {"healthy": host.healthy, **asdict(host)}
+
+
 async def collect(data_dir: Path, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """State plus a live `health` {healthy, detail} for every part."""
+    """State plus a live `health` {healthy, detail} for every part, and Envoy's view
+    (`envoy`) of every service replica."""
     env = os.environ if environ is None else environ
     state = load_running(data_dir)
     parts = list(state.get("parts", []))
+    admin = state.get("admin")
+    with_envoy = bool(admin) and any(p.get("kind") == "envoy" for p in parts)
+
+    async def envoy_view() -> dict[str, EnvoyHost] | None:
+        if not with_envoy:
+            return None
+        try:
+            return await envoy_hosts(str(admin))
+        except (OSError, ValueError) as error:
+            state["envoy_view_error"] = f"Envoy admin {admin}: {error}"
+            return None
+
+    view = asyncio.create_task(envoy_view())  # alongside the probes
     results = await asyncio.gather(*(probe_part(p, state, env) for p in parts))
+    hosts = await view
     for part, result in zip(parts, results, strict=True):
         part["health"] = {"healthy": result.healthy, "detail": result.detail}
+    if hosts is not None:
+        attach_envoy_view(parts, hosts)
     state["healthy"] = bool(parts) and all(r.healthy for r in results)
     return state
 
@@ -97,7 +204,7 @@ def format_table(state: Mapping[str, Any]) -> str:
         f"mesh pid {state.get('pid')}  status {state.get('status')}  data {state.get('data_dir')}",
         "",
     ]
-    header = ("PART", "PID", "ADDRESS", "STATE", "HEALTH", "RESTARTS", "LOG")
+    header = ("PART", "PID", "ADDRESS", "STATE", "HEALTH", "ENVOY", "RESTARTS", "LOG")
     rows = [header]
     for p in state.get("parts", []):
         health = p.get("health", {})
@@ -108,6 +215,7 @@ def format_table(state: Mapping[str, Any]) -> str:
                 str(p.get("address") or "-"),
                 str(p.get("status")),
                 ("ok " if health.get("healthy") else "BAD ") + str(health.get("detail", ""))[:40],
+                str((p.get("envoy") or {}).get("state", "-")),
                 str(p.get("restarts", 0))
                 + (
                     f" (last exit {p['last_exit_code']})"
@@ -120,6 +228,8 @@ def format_table(state: Mapping[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for row in rows:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if state.get("envoy_view_error"):
+        lines.append(f"ENVOY: {state['envoy_view_error']}")
     urls = state.get("urls") or {}
     if urls:
         lines.append("")

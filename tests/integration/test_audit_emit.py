@@ -34,6 +34,7 @@ from services.common.interceptors import build_interceptors
 from services.common.server import create_server
 from soma.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from soma.gateway.v1 import resources_pb2 as gw
+from tests.integration.harness import freeze
 from tests.unit.test_audit_emit_interceptor import MEMBER, FakeAuthn
 
 pytestmark = pytest.mark.integration
@@ -80,12 +81,7 @@ class Nats:
     def pause(self) -> None:
         """SIGSTOP, returning once the process is really stopped (delivery is asynchronous)."""
         assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGSTOP)
-        stat = Path(f"/proc/{self.proc.pid}/stat")
-        deadline = time.monotonic() + 5
-        while stat.read_text().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
-            assert time.monotonic() < deadline, "nats-server did not stop"
-            time.sleep(0.005)
+        freeze(self.proc.pid)
 
     def resume(self) -> None:
         assert self.proc is not None

@@ -24,7 +24,7 @@ from soma.gateway.v1 import resources_pb2 as gpb
 from soma.keys.v1 import keys_pb2 as k
 from soma.keys.v1 import keys_pb2_grpc
 from soma.keys.v1 import resources_pb2 as kpb
-from tests.integration.harness import MeshRunner, authed_channel
+from tests.integration.harness import MeshRunner, authed_channel, freeze
 
 pytestmark = pytest.mark.integration
 
@@ -142,7 +142,7 @@ async def test_fail_closed_refuses_mutations_fast_and_keeps_reads(mesh: MeshRunn
     async with authed_channel(mesh.grpc_target, mesh.admin_key) as channel:
         gw = gateway_pb2_grpc.GatewayServiceStub(channel)
         await gw.ListSessions(g.ListSessionsRequest(page_size=1))
-        os.kill(nats_pid, signal.SIGSTOP)  # hung, not dead: the worst case for an audit device
+        freeze(nats_pid)  # hung, not dead: the worst case for an audit device
         try:
             started = time.monotonic()
             with pytest.raises(grpc.aio.AioRpcError) as raised:

@@ -18,7 +18,7 @@ from soma.audit.v1 import audit_pb2, audit_pb2_grpc
 from soma.gateway.v1 import gateway_pb2 as g
 from soma.gateway.v1 import gateway_pb2_grpc
 from soma.gateway.v1 import resources_pb2 as pb
-from tests.integration.harness import MeshRunner, authed_channel
+from tests.integration.harness import MeshRunner, authed_channel, freeze
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,7 @@ async def test_message_sent_while_nats_is_frozen_is_delivered_and_audited_later(
         gw = gateway_pb2_grpc.GatewayServiceStub(channel)
         session = await gw.CreateSession(g.CreateSessionRequest(session=pb.Session()))
         nats_pid = mesh.part("nats")["pid"]
-        os.kill(nats_pid, signal.SIGSTOP)
+        freeze(nats_pid)
         try:
             sent = await gw.SendMessage(
                 g.SendMessageRequest(
