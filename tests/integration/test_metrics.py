@@ -6,8 +6,11 @@ valid Prometheus scrape config naming every replica."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import shutil
 import subprocess
+import time
 import urllib.request
 import uuid
 from collections import defaultdict
@@ -24,12 +27,13 @@ from soma.gateway.v1 import gateway_pb2 as g
 from soma.gateway.v1 import gateway_pb2_grpc
 from soma.gateway.v1 import resources_pb2 as pb
 from soma.keys.v1 import keys_pb2, keys_pb2_grpc
-from tests.integration.harness import MeshRunner
+from tests.integration.harness import MeshRunner, free_port
 from tests.unit.test_metrics import TABLE
 from tests.unit.test_observability_rules import (
     PROMETHEUS_NAMES,
     SUFFIXES,
     dashboard_expressions,
+    load_rules,
     metric_names,
     recorded_names,
     rule_expressions,
@@ -251,3 +255,59 @@ def test_rules_and_dashboards_name_only_metrics_the_live_mesh_serves(mesh: MeshR
         if name not in aside and name not in live
     ]
     assert not missing, "not served by the running mesh:\n" + "\n".join(missing)
+
+
+def query_prometheus(base: str, path: str) -> Any:
+    with urllib.request.urlopen(f"{base}{path}", timeout=5) as response:
+        body = json.loads(response.read().decode())
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def test_a_real_prometheus_scrapes_the_rendered_config(mesh: MeshRunner, tmp_path: Path) -> None:
+    """What an operator does (docs/monitoring_quickstart.md): run Prometheus on the config
+    `soma-mesh up` wrote. Every target (each replica, the worker, Envoy) is scraped healthy and
+    every alert rule of observability/alerts.yml is loaded."""
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("prometheus (Debian's prometheus package) is missing in CI")
+        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+    config = Path((mesh.state() or {})["urls"]["prometheus_config"])
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "prometheus.log").open("wb"),
+    )
+    try:
+        expected = len(metrics_parts(mesh)) + 1  # + Envoy
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                targets = query_prometheus(base, "/api/v1/targets")["activeTargets"]
+                if len(targets) == expected and all(t["health"] == "up" for t in targets):
+                    break
+            except OSError:
+                targets = []
+            assert server.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, f"targets not all up within 60 s: {targets}"
+            time.sleep(1)
+        jobs = {t["labels"]["job"] for t in targets}
+        assert jobs == {"gateway", "keys", "audit", "capsule", "worker", "envoy"}
+        loaded = {
+            rule["name"]
+            for group in query_prometheus(base, "/api/v1/rules")["groups"]
+            for rule in group["rules"]
+            if rule["type"] == "alerting"
+        }
+        assert loaded == {rule["alert"] for rule in load_rules() if "alert" in rule}
+    finally:
+        server.terminate()
+        server.wait(10)
