@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 from collections.abc import AsyncGenerator, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -273,6 +274,42 @@ def _peer_attributes(peer: str) -> dict[str, str]:
     return attributes
 
 
+# A W3C version-00 `traceparent` whose sampled flag (bit 0 of the flags) is not set.
+_UNSAMPLED_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f][02468ace])")
+_ZERO_TRACE_ID = "0" * 32
+_ZERO_SPAN_ID = "0" * 16
+
+
+def _unsampled_parent(metadata: Any) -> trace.NonRecordingSpan | None:
+    """The caller's span when its `traceparent` says the trace is not sampled (and `tracestate`
+    is absent or empty): what `propagate.extract` would return for it, without the SDK. None
+    otherwise (no or a sampled `traceparent`, anything unusual): then the SDK decides."""
+    header = None
+    for key, value in metadata:
+        if key == "traceparent":
+            if header is not None:
+                return None
+            header = value
+        elif key == "tracestate" and value:  # Envoy sends an empty one: the same as none
+            return None
+    if header is None:
+        return None
+    match = _UNSAMPLED_TRACEPARENT.fullmatch(header)
+    if match is None:
+        return None
+    trace_id, span_id, flags = match.groups()
+    if trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID:
+        return None
+    return trace.NonRecordingSpan(
+        trace.SpanContext(
+            int(trace_id, 16),
+            int(span_id, 16),
+            is_remote=True,
+            trace_flags=trace.TraceFlags(int(flags, 16)),
+        )
+    )
+
+
 @functools.cache
 def _server_spans_class() -> Any:
     """Our server span interceptor. It replaced the contrib aio server interceptor, whose
@@ -303,13 +340,25 @@ def _server_spans_class() -> Any:
 
         def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
             tracer = self._tracer
+            # The shortcut for unsampled callers assumes W3C trace context and our sampler,
+            # which follows an unsampled parent (ParentBased); anything else takes the SDK path.
+            fast = propagate.get_global_textmap() is _W3C
             service, _, name = method.lstrip("/").partition("/")
             constant = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
 
             def start(context: aio.ServicerContext) -> tuple[trace.Span, Any]:
+                metadata = context.invocation_metadata() or ()
+                unsampled = _unsampled_parent(metadata) if fast else None
+                if unsampled is not None:
+                    # The caller did not sample this trace: the sampler would drop the span
+                    # (ParentBased), so make none; the caller's context becomes the current one,
+                    # for log lines' trace id and the `traceparent` of what the call publishes
+                    # (a new context, as `propagate.extract` makes).
+                    parent = trace.set_span_in_context(unsampled, otel_context.Context())
+                    return unsampled, otel_context.attach(parent)
                 carrier: dict[str, Any] = {}
-                for item in context.invocation_metadata() or ():
-                    carrier[item.key] = item.value
+                for key, value in metadata:
+                    carrier[key] = value
                 parent = propagate.extract(carrier)
                 span = tracer.start_span(
                     method, context=parent, kind=SpanKind.SERVER, attributes=constant
@@ -324,6 +373,10 @@ def _server_spans_class() -> Any:
             def finish(
                 context: aio.ServicerContext, span: trace.Span, token: Any, error: Any
             ) -> None:
+                if not span.is_recording():  # nothing of it is exported: skip the attributes
+                    span.end()
+                    otel_context.detach(token)
+                    return
                 try:
                     if isinstance(error, asyncio.CancelledError):
                         code = grpc.StatusCode.CANCELLED
@@ -416,6 +469,14 @@ def publish_span(
     consumer's span becomes its child."""
     if _provider is None:
         yield None
+        return
+    current = trace.get_current_span()
+    parent = current.get_span_context()
+    if parent.is_valid and not parent.trace_flags.sampled:
+        # Inside a trace its caller did not sample: the sampler would drop this span (it follows
+        # its parent), so make none and pass the caller's `traceparent` on as it came.
+        _W3C.inject(headers)
+        yield current
         return
     attributes = {
         "messaging.system": "nats",
