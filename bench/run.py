@@ -43,7 +43,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -622,21 +622,49 @@ def format_verdicts(verdicts: dict[str, str]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python bench/run.py",
-        description="h2load benchmark of a Gateway unary read: direct, Envoy, REST, bare grpcio.",
-    )
+def add_load_options(parser: argparse.ArgumentParser, *, rounds: int) -> None:
+    """The h2load load shape options every h2load benchmark here takes."""
     parser.add_argument("--requests", "-n", type=int, default=10_000, help="per run (10000)")
     parser.add_argument("--concurrency", "-c", type=int, default=16, help="connections (16)")
     parser.add_argument("--streams", "-m", type=int, default=8, help="streams per connection (8)")
     parser.add_argument("--duration", "-D", type=float, help="seconds per case instead of -n")
     parser.add_argument("--threads", "-t", type=int, default=1, help="h2load threads (1)")
-    parser.add_argument("--rounds", type=int, default=2, help="runs of every case (2)")
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"runs of every case ({rounds})")
     parser.add_argument("--warmup", type=int, default=1000, help="warm-up requests per run")
     parser.add_argument(
         "--prime", type=int, default=10_000, help="requests to prime the servers first"
     )
+
+
+def add_run_options(parser: argparse.ArgumentParser, case_names: Sequence[str]) -> None:
+    """Which cases, where results go, and the time bounds."""
+    parser.add_argument(
+        "--cases", default=",".join(case_names), help=f"comma-separated subset of {case_names}"
+    )
+    parser.add_argument("--out", type=Path, default=BENCH / "results", help="results root")
+    parser.add_argument("--case-timeout", type=float, default=300.0, help="seconds per h2load")
+    parser.add_argument("--mesh-timeout", type=float, default=240.0, help="seconds to be ready")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print h2load commands")
+
+
+def check_run_options(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, case_names: Sequence[str]
+) -> None:
+    """Splits --cases and refuses unknown cases and non-positive load options."""
+    args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = set(args.cases) - set(case_names)
+    if unknown:
+        parser.error(f"unknown case(s): {', '.join(sorted(unknown))}")
+    if min(args.requests, args.concurrency, args.streams, args.threads, args.rounds) < 1:
+        parser.error("--requests, --concurrency, --streams, --threads, --rounds must be >= 1")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python bench/run.py",
+        description="h2load benchmark of a Gateway unary read: direct, Envoy, REST, bare grpcio.",
+    )
+    add_load_options(parser, rounds=2)
     parser.add_argument("--state", type=Path, help="use the running mesh of this state.json")
     parser.add_argument(
         "--api-key",
@@ -645,20 +673,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "`admin create-key` in the state file's data dir)",
     )
     parser.add_argument("--replica", default="gateway-0", help="part measured directly")
-    parser.add_argument(
-        "--cases", default=",".join(CASE_NAMES), help=f"comma-separated subset of {CASE_NAMES}"
-    )
-    parser.add_argument("--out", type=Path, default=BENCH / "results", help="results root")
-    parser.add_argument("--case-timeout", type=float, default=300.0, help="seconds per h2load")
-    parser.add_argument("--mesh-timeout", type=float, default=240.0, help="seconds to be ready")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print h2load commands")
+    add_run_options(parser, CASE_NAMES)
     args = parser.parse_args(argv)
-    args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = set(args.cases) - set(CASE_NAMES)
-    if unknown:
-        parser.error(f"unknown case(s): {', '.join(sorted(unknown))}")
-    if min(args.requests, args.concurrency, args.streams, args.threads, args.rounds) < 1:
-        parser.error("--requests, --concurrency, --streams, --threads, --rounds must be >= 1")
+    check_run_options(parser, args, CASE_NAMES)
     return args
 
 

@@ -47,7 +47,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench
 from bench.h2load import LoadShape, grpc_frame
 from bench.report import ratios, summary_row, target_verdicts
 from bench.run import (
-    BENCH,
     BenchError,
     Case,
     LocalMesh,
@@ -55,6 +54,9 @@ from bench.run import (
     Settings,
     _terminate,
     _workdir,
+    add_load_options,
+    add_run_options,
+    check_run_options,
     combine,
     create_api_key,
     create_session,
@@ -85,14 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python bench/tracing_overhead.py",
         description="GetSession through Envoy with tracing+metrics on vs off, in one run.",
     )
-    parser.add_argument("--requests", "-n", type=int, default=10_000, help="per run (10000)")
-    parser.add_argument("--concurrency", "-c", type=int, default=16, help="connections (16)")
-    parser.add_argument("--streams", "-m", type=int, default=8, help="streams per connection (8)")
-    parser.add_argument("--duration", "-D", type=float, help="seconds per case instead of -n")
-    parser.add_argument("--threads", "-t", type=int, default=1, help="h2load threads (1)")
-    parser.add_argument("--rounds", type=int, default=4, help="runs of every case (4)")
-    parser.add_argument("--warmup", type=int, default=1000, help="warm-up requests per run")
-    parser.add_argument("--prime", type=int, default=10_000, help="requests per path first")
+    add_load_options(parser, rounds=4)
     parser.add_argument(
         "--sample", type=float, default=1.0, help="SOMA_TRACE_SAMPLE of the `on` mesh (1.0)"
     )
@@ -102,22 +97,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="both",
         help="what the `on` mesh turns on (both)",
     )
-    parser.add_argument(
-        "--cases", default=",".join(CASE_NAMES), help=f"comma-separated subset of {CASE_NAMES}"
-    )
-    parser.add_argument("--out", type=Path, default=BENCH / "results", help="results root")
-    parser.add_argument("--case-timeout", type=float, default=300.0, help="seconds per h2load")
-    parser.add_argument("--mesh-timeout", type=float, default=240.0, help="seconds to be ready")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print h2load commands")
+    add_run_options(parser, CASE_NAMES)
     args = parser.parse_args(argv)
-    args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = set(args.cases) - set(CASE_NAMES)
-    if unknown:
-        parser.error(f"unknown case(s): {', '.join(sorted(unknown))}")
+    check_run_options(parser, args, CASE_NAMES)
     if not 0.0 <= args.sample <= 1.0:
         parser.error("--sample is a share between 0 and 1")
-    if min(args.requests, args.concurrency, args.streams, args.threads, args.rounds) < 1:
-        parser.error("--requests, --concurrency, --streams, --threads, --rounds must be >= 1")
     return args
 
 

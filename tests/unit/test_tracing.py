@@ -38,18 +38,6 @@ REMOTE_TRACE = "0af7651916cd43dd8448eb211c80319c"
 REMOTE_SPAN = "b7ad6b7169203331"
 
 
-@pytest.fixture
-def spans() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
-    """Tracing on for one test, exporting to memory (read after `provider.force_flush()`)."""
-    exporter = InMemorySpanExporter()
-    provider = tracing.setup_tracing("gateway", "gateway-7", {}, exporter=exporter)
-    assert provider is not None
-    try:
-        yield provider, exporter
-    finally:
-        tracing.shutdown_tracing()
-
-
 def finished(setup: tuple[TracerProvider, InMemorySpanExporter]) -> list[ReadableSpan]:
     provider, exporter = setup
     provider.force_flush()

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.common import tracing
 from services.common.config import load_config
@@ -22,28 +20,12 @@ from services.common.logs import JsonFormatter, _ContextFilter
 from services.common.server import RunningServer, create_server
 from soma.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from soma.gateway.v1 import resources_pb2 as pb
+from tests.unit.test_tracing import finished
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 SPAN = "b7ad6b7169203331"
 UNSAMPLED = f"00-{TRACE}-{SPAN}-00"
 SAMPLED = f"00-{TRACE}-{SPAN}-01"
-
-
-@pytest.fixture
-def spans() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
-    exporter = InMemorySpanExporter()
-    provider = tracing.setup_tracing("gateway", "gateway-7", {}, exporter=exporter)
-    assert provider is not None
-    try:
-        yield provider, exporter
-    finally:
-        tracing.shutdown_tracing()
-
-
-def finished(setup: tuple[TracerProvider, InMemorySpanExporter]) -> list[Any]:
-    provider, exporter = setup
-    provider.force_flush()
-    return list(exporter.get_finished_spans())
 
 
 @pytest.mark.parametrize(
