@@ -21,13 +21,13 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from soma.gateway.v1 import gateway_pb2 as g
 from soma.gateway.v1 import gateway_pb2_grpc
 from soma.gateway.v1 import resources_pb2 as pb
 from soma.keys.v1 import keys_pb2, keys_pb2_grpc
 from tests.integration.harness import MeshRunner, free_port
+from tests.integration.scraping import Scrape, metrics_parts, scrape, scrape_all
 from tests.unit.test_metrics import TABLE
 from tests.unit.test_observability_rules import (
     PROMETHEUS_NAMES,
@@ -43,54 +43,6 @@ pytestmark = pytest.mark.integration
 
 GET_VERSION = "/soma.gateway.v1.GatewayService/GetVersion"
 LIST_KEYS = "/soma.keys.v1.KeysService/ListApiKeys"
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-class Scrape:
-    """One /metrics answer: its samples and the metric families it declares."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.samples: Samples = {}
-        self.families: set[str] = set()
-        for family in text_string_to_metric_families(text):
-            self.families.add(family.name)
-            for s in family.samples:
-                self.samples[(s.name, frozenset(s.labels.items()))] = s.value
-
-    def total(self, name: str, **labels: str) -> float:
-        """Sum of `name` over every sample whose labels include `labels`."""
-        wanted = set(labels.items())
-        return sum(v for (n, ls), v in self.samples.items() if n == name and wanted <= ls)
-
-    def declares(self, name: str) -> bool:
-        # The parser names counter families without `_total`.
-        return name in self.families or name.removesuffix("_total") in self.families
-
-
-def metrics_parts(mesh: MeshRunner) -> dict[str, tuple[str, str]]:
-    """part name -> (service, metrics address), from state.json."""
-    state = mesh.state() or {}
-    return {
-        p["name"]: (p["extra"]["service"], p["extra"]["metrics"])
-        for p in state["parts"]
-        if "metrics" in p.get("extra", {})
-    }
-
-
-def scrape(address: str) -> Scrape:
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
-        assert response.status == 200
-        return Scrape(response.read().decode())
-
-
-async def scrape_all(mesh: MeshRunner) -> dict[str, Scrape]:
-    parts = metrics_parts(mesh)
-    scrapes = await asyncio.gather(
-        *(asyncio.to_thread(scrape, address) for _, address in parts.values())
-    )
-    return dict(zip(parts, scrapes, strict=True))
 
 
 def by_service(scrapes: dict[str, Scrape], parts: dict[str, tuple[str, str]]) -> Any:
