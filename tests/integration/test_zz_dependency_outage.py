@@ -27,6 +27,8 @@ import grpc
 import psutil
 import pytest
 
+from services.common.dependency import FAILURES
+from services.common.metrics import BREAKER_STATE, BREAKER_STATES
 from services.mesh.status import EnvoyHost, envoy_hosts
 from soma.gateway.v1 import gateway_pb2 as g
 from soma.gateway.v1 import gateway_pb2_grpc
@@ -34,6 +36,7 @@ from soma.gateway.v1 import resources_pb2 as gpb
 from soma.keys.v1 import keys_pb2 as k
 from soma.keys.v1 import keys_pb2_grpc
 from tests.integration.harness import MeshRunner, authed_channel, wait_stopped
+from tests.integration.scraping import metrics_parts, scrape_all
 
 pytestmark = pytest.mark.integration
 
@@ -44,6 +47,7 @@ pytestmark = pytest.mark.integration
 FIRST_ANSWER_WITHIN = 11.0
 FAST_ANSWER_WITHIN = 1.5
 RECOVERY_WITHIN = 30.0
+ENVOY_SETTLES = 1.0
 CALL_DEADLINE = (
     15.0  # the client's own deadline, above every bound: it must never be what ends a call
 )
@@ -92,14 +96,51 @@ async def first_wave(call: Callable[[], Awaitable[object]], concurrency: int) ->
     return list(await asyncio.gather(*(timed(call) for _ in range(concurrency))))
 
 
-async def recovered(call: Callable[[], Awaitable[object]], within: float) -> float:
-    """Seconds until `call` succeeds again, retrying every 0.25 s."""
+async def breaker_states(mesh: MeshRunner, service: str, dependency: str) -> dict[str, str]:
+    """part -> the state of its `dependency` breaker, for every replica of `service`."""
+    names = {value: name for name, value in BREAKER_STATES.items()}
+    parts = metrics_parts(mesh)
+    states = {}
+    for part, result in (await scrape_all(mesh)).items():
+        if parts[part][0] == service:
+            value = result.total(BREAKER_STATE, dependency=dependency)
+            states[part] = names[int(value)]
+    assert len(states) == mesh.replicas, states
+    return states
+
+
+async def all_in_envoy(mesh: MeshRunner, within: float = 30.0) -> None:
+    """Waits until Envoy has seen every replica healthy for a second, so that its round robin
+    spreads the next calls over all of them (an earlier outage may have left one ejected).
+    A wave started the instant admin first showed both healthy went wholly to one replica in
+    some runs (the host set reaches Envoy's workers after admin shows it, we believe)."""
+    admin = str((mesh.state() or {})["admin"])
+    started = time.monotonic()
+    healthy_since: float | None = None
+    while healthy_since is None or time.monotonic() - healthy_since < ENVOY_SETTLES:
+        hosts = await envoy_hosts(admin)
+        if not all(host.healthy for host in hosts.values()):
+            healthy_since = None
+            assert time.monotonic() - started < within, hosts
+        elif healthy_since is None:
+            healthy_since = time.monotonic()
+        await asyncio.sleep(0.25)
+
+
+async def recovered(
+    call: Callable[[], Awaitable[object]], replicas_closed: Callable[[], Awaitable[bool]]
+) -> float:
+    """Seconds until `call` succeeds and every replica's breaker has closed again, calling
+    every 0.25 s: a replica's open breaker closes only on a successful trial call, which needs
+    a call routed to it."""
     started = time.monotonic()
     while True:
         outcome = await timed(call)
-        if outcome.code == grpc.StatusCode.OK:
+        if outcome.code == grpc.StatusCode.OK and await replicas_closed():
             return time.monotonic() - started
-        assert time.monotonic() - started < within, f"not recovered after {within}s: {outcome}"
+        assert time.monotonic() - started < RECOVERY_WITHIN, (
+            f"not recovered after {RECOVERY_WITHIN}s: {outcome}"
+        )
         await asyncio.sleep(0.25)
 
 
@@ -108,15 +149,33 @@ async def check_outage(
     part: str,
     affected: Callable[[], Awaitable[object]],
     *,
+    service: str,
     mentions: str,
     unaffected: Callable[[], Awaitable[object]] | None = None,
+    opens_breakers: bool = True,
 ) -> dict[str, float]:
-    """Freeze `part`; `affected` must fail fast with UNAVAILABLE (its message mentioning
-    `mentions`), `unaffected` must keep working; after the thaw `affected` works again."""
-    await affected()  # warm: keys cached, connections open, breakers closed
+    """Freeze `part`; `affected` (served by `service`) must fail fast with UNAVAILABLE (its
+    message mentioning `mentions`), `unaffected` must keep working; after the thaw `affected`
+    works again on every replica. `opens_breakers`: the replicas' `part` breakers are what
+    answers the later calls at once (not so where another guard answers first)."""
+
+    async def states() -> dict[str, str]:
+        return await breaker_states(mesh, service, part)
+
+    async def replicas_closed() -> bool:
+        return set((await states()).values()) == {"closed"}
+
+    # The start: every replica's breaker closed (an earlier outage may have left one open with
+    # no call since to close it), then every replica in Envoy (the calls that closed them may
+    # have had a replica ejected meanwhile, and an ejected replica gets none of the wave).
+    await recovered(affected, replicas_closed)
+    await all_in_envoy(mesh)
     with frozen(mesh, part):
-        wave = await first_wave(affected, concurrency=6)
+        # Round robin gives each replica `FAILURES` of the wave: enough to open its breaker.
+        wave = await first_wave(affected, concurrency=FAILURES * mesh.replicas)
+        opened = await states()
         later = [await timed(affected) for _ in range(5)]
+        still_open = await states()
         if unaffected is not None:
             still = await timed(unaffected)
             assert still.code == grpc.StatusCode.OK, still
@@ -125,8 +184,13 @@ async def check_outage(
         assert outcome.code == grpc.StatusCode.UNAVAILABLE, outcome
         assert mentions in outcome.details.lower(), outcome
     assert max(o.seconds for o in wave) < FIRST_ANSWER_WITHIN, wave
-    assert max(o.seconds for o in later) < FAST_ANSWER_WITHIN, later  # breakers open by now
-    recovery = await recovered(affected, RECOVERY_WITHIN)
+    # Every breaker opened on the wave and stayed open through the later calls (none reached
+    # its half-open trial, which would wait on the dependency again, by design); the later
+    # calls were all answered at once.
+    if opens_breakers:
+        assert set(opened.values()) == set(still_open.values()) == {"open"}, (opened, still_open)
+    assert max(o.seconds for o in later) < FAST_ANSWER_WITHIN, later
+    recovery = await recovered(affected, replicas_closed)
     numbers = {
         "first_wave_max_s": max(o.seconds for o in wave),
         "later_max_s": max(o.seconds for o in later),
@@ -155,9 +219,9 @@ async def test_postgres_frozen_answers_unavailable_fast_and_recovers(mesh: MeshR
 
         for _ in range(4):  # both replicas have the key cached: authn needs no database
             await list_sessions()
-        await check_outage(mesh, "postgres", list_sessions, mentions="postgres")
+        await check_outage(mesh, "postgres", list_sessions, service="gateway", mentions="postgres")
         # A mutation is not retried by Envoy: one dependency timeout at most, then breakers.
-        await check_outage(mesh, "postgres", create_session, mentions="postgres")
+        await check_outage(mesh, "postgres", create_session, service="gateway", mentions="postgres")
 
 
 async def test_nats_frozen_refuses_audited_mutations_fast_and_recovers(mesh: MeshRunner) -> None:
@@ -176,9 +240,16 @@ async def test_nats_frozen_refuses_audited_mutations_fast_and_recovers(mesh: Mes
             )
 
         # SOMA_AUDIT fail-closed: a mutation whose audit event cannot be made durable is
-        # refused by design; reads go on.
+        # refused by design; reads go on. The audit gate answers before any NATS breaker is
+        # involved: its one shared ping bounds every waiting call at 0.5 s.
         numbers = await check_outage(
-            mesh, "nats", create_session, mentions="audit", unaffected=list_sessions
+            mesh,
+            "nats",
+            create_session,
+            service="gateway",
+            mentions="audit",
+            unaffected=list_sessions,
+            opens_breakers=False,
         )
         assert numbers["first_wave_max_s"] < 3.0  # the audit gate's own bound (0.5 s ping)
 
@@ -196,7 +267,9 @@ async def test_openbao_frozen_fails_token_issuing_fast_and_keeps_jwks(mesh: Mesh
         for _ in range(4):  # both Keys replicas hold a JWKS read from OpenBao
             await get_jwks()
         # The JWKS changes only on rotation: the last set read keeps being served.
-        await check_outage(mesh, "openbao", issue_token, mentions="openbao", unaffected=get_jwks)
+        await check_outage(
+            mesh, "openbao", issue_token, service="keys", mentions="openbao", unaffected=get_jwks
+        )
 
 
 @dataclass
