@@ -120,7 +120,10 @@ async def test_the_servers_interceptors_carry_the_callers_deadline() -> None:
                 answers.append((float(seconds), caller_bound))
     finally:
         await running.server.stop(0)
-    assert 1.5 < answers[0][0] <= 2.0 - deadline.MARGIN and answers[0][1] == "True"
+    # The budget comes from the 2 s deadline (not the 3 s default), minus MARGIN. Bounds are
+    # loose on both sides: a busy machine eats into the 2 s before the handler runs, and
+    # grpc-core rounds the timeout it sends up (the server can see a little over 2 s).
+    assert 1.0 < answers[0][0] < 2.0 and answers[0][1] == "True"
     assert answers[1] == (3.0, "False")
 
 
