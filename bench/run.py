@@ -701,6 +701,12 @@ def _workdir() -> Iterator[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_bench(lambda h2load, workdir: bench(args, h2load, workdir))
+
+
+def run_bench(bench_in: Callable[[str, Path], int]) -> int:
+    """What every h2load runner's main does around `bench_in(h2load, workdir)`: logging, finding
+    h2load, SIGTERM as an interrupt, a work dir kept on failure, and the exit code."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s bench %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
@@ -712,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         with _workdir() as workdir:
-            return bench(args, h2load, workdir)
+            return bench_in(h2load, workdir)
     except BenchError as exc:
         logger.error("%s", exc)
         return 1

@@ -33,8 +33,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import signal
 import sys
 import time
 import urllib.request
@@ -52,8 +50,6 @@ from bench.run import (
     LocalMesh,
     Round,
     Settings,
-    _terminate,
-    _workdir,
     add_load_options,
     add_run_options,
     check_run_options,
@@ -66,6 +62,7 @@ from bench.run import (
     grpc_request,
     part_address,
     prime,
+    run_bench,
     run_round,
 )
 from services.mesh.openbao import root_token
@@ -162,24 +159,12 @@ def part_pid(state: dict[str, Any], name: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s bench %(levelname)s %(message)s", datefmt="%H:%M:%S"
-    )
-    h2load = shutil.which("h2load")
-    if h2load is None:
-        print("bench: h2load not found (Debian/Ubuntu: apt-get install nghttp2-client)",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        with _workdir() as workdir, TraceCollector(keep=0) as sink:
+
+    def bench_in(h2load: str, workdir: Path) -> int:
+        with TraceCollector(keep=0) as sink:
             return bench(args, h2load, workdir, sink)
-    except BenchError as exc:
-        logger.error("%s", exc)
-        return 1
-    except KeyboardInterrupt:
-        logger.error("interrupted")
-        return 130
+
+    return run_bench(bench_in)
 
 
 def bench(args: argparse.Namespace, h2load: str, workdir: Path, sink: TraceCollector) -> int:
