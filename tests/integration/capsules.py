@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 import yaml
 from google.rpc import error_details_pb2, status_pb2
 
@@ -583,6 +584,21 @@ async def open_tenant(mesh: MeshRunner, prefix: str, work: Path) -> AsyncIterato
         yield Tenant(mesh, tenant, admin, channel, signer, key, work)
     finally:
         await channel.close()
+
+
+def tenant_fixture(prefix: str) -> Any:
+    """A module-scoped fixture: a new tenant of the session mesh named after `prefix`
+    (open_tenant). The fixture's name is the module attribute it is assigned to:
+    `acme = tenant_fixture("reg-acme")`."""
+
+    @pytest.fixture(scope="module")
+    async def fixture(
+        mesh: MeshRunner, tmp_path_factory: pytest.TempPathFactory
+    ) -> AsyncIterator[Tenant]:
+        async with open_tenant(mesh, prefix, tmp_path_factory.mktemp(prefix)) as tenant:
+            yield tenant
+
+    return fixture
 
 
 # -- audit -----------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from tests.integration.capsules import (
     make_key,
     open_tenant,
     stub,
+    tenant_fixture,
     tenant_root,
     unique,
 )
@@ -82,12 +83,7 @@ async def hooli(
             await ch.close()
 
 
-@pytest.fixture(scope="module")
-async def pied_piper(
-    mesh: MeshRunner, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Tenant]:
-    async with open_tenant(mesh, "appr-piper", tmp_path_factory.mktemp("piper")) as org:
-        yield org
+pied_piper = tenant_fixture("appr-piper")
 
 
 async def sensitive(people: People, **kw: Any) -> str:

@@ -36,11 +36,11 @@ from tests.integration.capsules import (
     leaked,
     make_key,
     ndjson,
-    open_tenant,
     raw_archive,
     register_key,
     rest,
     stub,
+    tenant_fixture,
     tenant_root,
     unique,
 )
@@ -51,20 +51,10 @@ pytestmark = pytest.mark.integration
 P = pb.InstallPhase
 
 
-@pytest.fixture(scope="module")
-async def initech(
-    mesh: MeshRunner, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Tenant]:
-    async with open_tenant(mesh, "inst-initech", tmp_path_factory.mktemp("initech")) as tenant:
-        yield tenant
+initech = tenant_fixture("inst-initech")
 
 
-@pytest.fixture(scope="module")
-async def umbrella(
-    mesh: MeshRunner, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Tenant]:
-    async with open_tenant(mesh, "inst-umbrella", tmp_path_factory.mktemp("umbrella")) as tenant:
-        yield tenant
+umbrella = tenant_fixture("inst-umbrella")
 
 
 @pytest.fixture(scope="module")

@@ -49,13 +49,13 @@ from tests.integration.capsules import (
     manifest,
     metadata_for,
     methods_of,
-    open_tenant,
     publish,
     raw_archive,
     register_key,
     rest,
     rest_publish_body,
     stub,
+    tenant_fixture,
     unique,
     upload,
     zero_bomb,
@@ -67,18 +67,10 @@ pytestmark = pytest.mark.integration
 OK = grpc.StatusCode.OK
 
 
-@pytest.fixture(scope="module")
-async def acme(mesh: MeshRunner, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Tenant]:
-    async with open_tenant(mesh, "reg-acme", tmp_path_factory.mktemp("acme")) as tenant:
-        yield tenant
+acme = tenant_fixture("reg-acme")
 
 
-@pytest.fixture(scope="module")
-async def globex(
-    mesh: MeshRunner, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Tenant]:
-    async with open_tenant(mesh, "reg-globex", tmp_path_factory.mktemp("globex")) as tenant:
-        yield tenant
+globex = tenant_fixture("reg-globex")
 
 
 def tmp_files(mesh: MeshRunner) -> list[Path]:

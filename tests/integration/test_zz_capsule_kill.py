@@ -14,7 +14,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -27,7 +26,7 @@ from tests.integration.capsules import (
     Tenant,
     capsule_dir,
     install,
-    open_tenant,
+    tenant_fixture,
     tenant_root,
     unique,
 )
@@ -41,12 +40,7 @@ FILES = 8000
 BYTES = 80 << 20
 
 
-@pytest.fixture(scope="module")
-async def wayne(
-    mesh: MeshRunner, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Tenant]:
-    async with open_tenant(mesh, "kill-wayne", tmp_path_factory.mktemp("wayne")) as tenant:
-        yield tenant
+wayne = tenant_fixture("kill-wayne")
 
 
 def extracting(mesh: MeshRunner, installation_id: str) -> tuple[str, str, int] | None:
