@@ -166,7 +166,9 @@ def test_a_message_without_traceparent_starts_a_trace(spans: Any) -> None:
     assert span.parent is None
 
 
-class _FakeJetStream:
+class RecordingJetStream:
+    """Stands in for JetStream where a test only needs what was published, with its headers."""
+
     def __init__(self) -> None:
         self.published: list[dict[str, Any]] = []
 
@@ -176,7 +178,7 @@ class _FakeJetStream:
 
 
 async def test_bus_publish_carries_the_current_trace(spans: Any) -> None:
-    js = _FakeJetStream()
+    js = RecordingJetStream()
     bus = Bus(nc=None, js=js)  # type: ignore[arg-type]
     parent = _parent(sampled=True)
     token = otel_context.attach(parent)  # as inside a call whose caller sampled the trace

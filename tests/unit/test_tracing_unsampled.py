@@ -20,7 +20,7 @@ from services.common.logs import JsonFormatter, _ContextFilter
 from services.common.server import RunningServer, create_server
 from soma.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from soma.gateway.v1 import resources_pb2 as pb
-from tests.unit.test_tracing import finished
+from tests.unit.test_tracing import RecordingJetStream, finished
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 SPAN = "b7ad6b7169203331"
@@ -55,15 +55,6 @@ def test_unsampled_parent(metadata: list[tuple[str, str]], unsampled: bool) -> N
         assert (format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")) == (TRACE, SPAN)
 
 
-class _FakeJetStream:
-    def __init__(self) -> None:
-        self.published: list[dict[str, Any]] = []
-
-    async def publish(self, subject: str, payload: bytes, **kwargs: Any) -> str:
-        self.published.append({"subject": subject, "payload": payload, **kwargs})
-        return "ack"
-
-
 class _Publishing(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
@@ -87,8 +78,8 @@ class _Capture(logging.Handler):
 
 
 @pytest.fixture
-async def server(spans: Any) -> AsyncIterator[tuple[_Publishing, _FakeJetStream, Any]]:
-    js = _FakeJetStream()
+async def server(spans: Any) -> AsyncIterator[tuple[_Publishing, RecordingJetStream, Any]]:
+    js = RecordingJetStream()
     servicer = _Publishing(Bus(nc=None, js=js))  # type: ignore[arg-type]
     running: RunningServer = await create_server(
         load_config("gateway", {"SOMA_PORT": "0"}),
