@@ -50,8 +50,13 @@ def scrape(address: str) -> Scrape:
         return Scrape(response.read().decode())
 
 
-async def scrape_all(mesh: MeshRunner) -> dict[str, Scrape]:
-    parts = metrics_parts(mesh)
+async def scrape_all(mesh: MeshRunner, service: str | None = None) -> dict[str, Scrape]:
+    """part name -> its /metrics now, for every part (or every replica of `service`)."""
+    parts = {
+        name: part
+        for name, part in metrics_parts(mesh).items()
+        if service is None or part[0] == service
+    }
     scrapes = await asyncio.gather(
         *(asyncio.to_thread(scrape, address) for _, address in parts.values())
     )

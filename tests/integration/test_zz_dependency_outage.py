@@ -36,7 +36,7 @@ from soma.gateway.v1 import resources_pb2 as gpb
 from soma.keys.v1 import keys_pb2 as k
 from soma.keys.v1 import keys_pb2_grpc
 from tests.integration.harness import MeshRunner, authed_channel, wait_stopped
-from tests.integration.scraping import metrics_parts, scrape_all
+from tests.integration.scraping import scrape_all
 
 pytestmark = pytest.mark.integration
 
@@ -99,12 +99,10 @@ async def first_wave(call: Callable[[], Awaitable[object]], concurrency: int) ->
 async def breaker_states(mesh: MeshRunner, service: str, dependency: str) -> dict[str, str]:
     """part -> the state of its `dependency` breaker, for every replica of `service`."""
     names = {value: name for name, value in BREAKER_STATES.items()}
-    parts = metrics_parts(mesh)
-    states = {}
-    for part, result in (await scrape_all(mesh)).items():
-        if parts[part][0] == service:
-            value = result.total(BREAKER_STATE, dependency=dependency)
-            states[part] = names[int(value)]
+    states = {
+        part: names[int(result.total(BREAKER_STATE, dependency=dependency))]
+        for part, result in (await scrape_all(mesh, service)).items()
+    }
     assert len(states) == mesh.replicas, states
     return states
 
